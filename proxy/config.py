@@ -1,0 +1,252 @@
+"""Configuration: defaults < YAML file < environment < command-line flags.
+
+Every section is a frozen dataclass built by `options.build`, so a bad value fails at start with
+one line naming the key and where it came from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from .errors import ConfigError
+from .options import build
+from .target import Target, parse_target
+
+__all__ = ["Config", "StalwartOptions", "TLSOptions", "LimitOptions", "load_config", "parse_listen",
+           "ENV_MAP", "DEFAULT_STALWART_URL"]
+
+DEFAULT_STALWART_URL = "https://stalwart.skygenesisenterprise.com"
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse_listen(value: str, key: str, source: str | None = None) -> tuple[str, int]:
+    """"127.0.0.1:8080", "[::1]:8080", ":8080" -> (host, port)."""
+    v = value.strip()
+    if v.startswith("["):
+        host, _, rest = v[1:].partition("]")
+        port_s = rest.lstrip(":")
+    else:
+        host, sep, port_s = v.rpartition(":")
+        if not sep:
+            raise ConfigError(key, f"expected HOST:PORT, got {value!r}", source=source)
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise ConfigError(key, f"port must be a number, got {port_s!r}", source=source) from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(key, f"port {port} out of range", source=source)
+    return host or "127.0.0.1", port
+
+
+@dataclass(frozen=True, kw_only=True)
+class StalwartOptions:
+    """The upstream (the seed's STALWART_* variables)."""
+    url: str = DEFAULT_STALWART_URL
+    jmap_path: str = "/jmap"
+    routing_mode: Literal["official", "tenant", "region", "custom"] = "official"
+    default_region: str = "us-east-1"
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    ca_cert: Path | None = None
+    max_connections: int = 100
+    connect_timeout: float = field(default=5.0, metadata={"kind": "duration"})
+    request_timeout: float | None = field(default=None, metadata={"kind": "duration"})
+    timeout_seconds: float = field(default=30.0, metadata={"kind": "duration"})
+    idle_timeout: float = field(default=30.0, metadata={"kind": "duration"})
+    tls_min_version: Literal["1.2", "1.3"] = "1.3"
+    verify_hostname: bool = True
+    server_hostname: str | None = None
+    allow_insecure: bool = False
+    allowed_hosts: tuple[str, ...] = ()
+    health_path: str = "/healthz/ready"
+    health_interval: float = field(default=10.0, metadata={"kind": "duration"})
+
+    def __post_init__(self) -> None:
+        if self.max_connections < 1:
+            raise ConfigError("max_connections", "must be at least 1")
+        if not self.jmap_path.startswith("/"):
+            raise ConfigError("jmap_path", "must start with /")
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ConfigError("client_cert", "client_cert and client_key go together")
+        if self.connect_timeout <= 0 or self.timeout_seconds <= 0:
+            raise ConfigError("connect_timeout", "timeouts must be positive")
+
+    @property
+    def response_timeout(self) -> float:
+        """Seconds to wait for the response head once the request is sent."""
+        return self.request_timeout if self.request_timeout is not None else self.timeout_seconds
+
+
+@dataclass(frozen=True, kw_only=True)
+class TLSOptions:
+    """Downstream TLS (the proxy's own server certificate)."""
+    enabled: bool = False
+    cert: Path | None = None
+    key: Path | None = None
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LimitOptions:
+    max_header_bytes: int = field(default=64 << 10, metadata={"kind": "size"})
+    max_body_buffer: int = field(default=10 << 20, metadata={"kind": "size"})
+    max_headers: int = 128
+    header_timeout: float = field(default=10.0, metadata={"kind": "duration"})
+    keepalive_timeout: float = field(default=75.0, metadata={"kind": "duration"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    listen: str = "127.0.0.1:8080"
+    admin_listen: str = "127.0.0.1:9901"
+    public_url: str | None = None
+    tls: TLSOptions = field(default_factory=TLSOptions)
+    stalwart: StalwartOptions = field(default_factory=StalwartOptions)
+    limits: LimitOptions = field(default_factory=LimitOptions)
+    chain: tuple[str, ...] | None = None
+    addon_files: tuple[str, ...] = ()
+    addons: dict[str, Any] = field(default_factory=dict)
+    access_log: str = "-"
+    log_level: str = "INFO"
+    drain_timeout: float = field(default=30.0, metadata={"kind": "duration"})
+    addon_reload_interval: float = field(default=1.0, metadata={"kind": "duration"})
+    # not from the file: where it came from, for messages and relative paths
+    source: str | None = None
+    base_dir: Path = PACKAGE_ROOT
+
+    def __post_init__(self) -> None:
+        parse_listen(self.listen, "listen")
+        parse_listen(self.admin_listen, "admin_listen")
+        if self.tls.enabled and (self.tls.cert is None) != (self.tls.key is None):
+            raise ConfigError("tls.cert", "tls.cert and tls.key go together")
+        for name, section in self.addons.items():
+            if section is not None and not isinstance(section, dict):
+                raise ConfigError(f"addons.{name}", "expected a mapping")
+
+    @property
+    def listen_addr(self) -> tuple[str, int]:
+        return parse_listen(self.listen, "listen")
+
+    @property
+    def admin_addr(self) -> tuple[str, int]:
+        return parse_listen(self.admin_listen, "admin_listen")
+
+    def resolve(self, p: Path | None) -> Path | None:
+        if p is None:
+            return None
+        return p if p.is_absolute() else self.base_dir / p
+
+    def default_target(self) -> Target:
+        s = self.stalwart
+        return parse_target(s.url, key="stalwart.url", allow_insecure=s.allow_insecure,
+                            allowed_hosts=s.allowed_hosts, name="official")
+
+    def public_base(self) -> str:
+        """The URL clients reach the proxy at (session URL rewriting)."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host, port = self.listen_addr
+        if host in ("0.0.0.0", "::", ""):
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{'https' if self.tls.enabled else 'http'}://{host}:{port}"
+
+
+# environment variable -> dotted config key
+ENV_MAP: dict[str, str] = {
+    "STALWART_URL": "stalwart.url",
+    "STALWART_JMAP_PATH": "stalwart.jmap_path",
+    "STALWART_TIMEOUT_SECONDS": "stalwart.timeout_seconds",
+    "STALWART_ROUTING_MODE": "stalwart.routing_mode",
+    "STALWART_DEFAULT_REGION": "stalwart.default_region",
+    "STALWART_CLIENT_CERT": "stalwart.client_cert",
+    "STALWART_CLIENT_KEY": "stalwart.client_key",
+    "STALWART_CA_CERT": "stalwart.ca_cert",
+    "STALWART_MAX_CONNECTIONS": "stalwart.max_connections",
+    "STALWART_CONNECT_TIMEOUT": "stalwart.connect_timeout",
+    "STALWART_REQUEST_TIMEOUT": "stalwart.request_timeout",
+    "SGE_LISTEN": "listen",
+    "SGE_ADMIN_LISTEN": "admin_listen",
+    "SGE_PUBLIC_URL": "public_url",
+    "SGE_CHAIN": "chain",
+    "SGE_ACCESS_LOG": "access_log",
+    "SGE_LOG_LEVEL": "log_level",
+}
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        nxt = node.get(p)
+        if not isinstance(nxt, dict):
+            nxt = node[p] = {}
+        node = nxt
+    node[parts[-1]] = value
+
+
+def _merge(base: dict, over: Mapping) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError("--config", f"cannot read {path}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError("--config", f"{path}{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("--config", f"{path}: top level must be a mapping")
+    return data
+
+
+def load_config(path: str | Path | None = None, *, env: Mapping[str, str] | None = None,
+                overrides: Mapping[str, Any] | None = None, base: Mapping | None = None) -> Config:
+    """Build the Config. `overrides` are dotted keys from flags (highest precedence); `base` is a
+    mapping below the file (the embedded dev default)."""
+    env = os.environ if env is None else env
+    tree: dict = dict(base or {})
+    source = None
+    base_dir = PACKAGE_ROOT
+    if path is not None:
+        p = Path(path)
+        tree = _merge(tree, read_yaml(p))
+        source = str(p)
+        base_dir = p.resolve().parent
+    layered: dict = {}
+    for var, dotted in ENV_MAP.items():
+        if var in env:
+            value: Any = env[var]
+            if dotted == "chain":
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            _set_dotted(layered, dotted, value)
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(layered, dotted, value)
+    tree = _merge(tree, layered)
+    for k in ("source", "base_dir"):
+        if k in tree:
+            raise ConfigError(k, "is not a configuration key", source=source)
+    cfg = build(Config, tree, prefix="", source=source)
+    cfg = dataclasses.replace(cfg, source=source, base_dir=base_dir)
+    cfg.default_target()  # validates stalwart.url now, not at the first request
+    return cfg

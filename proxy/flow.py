@@ -1,0 +1,140 @@
+"""The flow model: one client request, its upstream answer, and what addons learnt on the way.
+
+Addons read and change these objects; server.py and upstream.py move the bytes.
+"""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from multidict import CIMultiDict
+
+if TYPE_CHECKING:
+    from .identity import Identity
+    from .target import Target
+
+__all__ = ["Headers", "Request", "Response", "Flow"]
+
+Headers = CIMultiDict  # case-insensitive, ordered, repeatable: CIMultiDict[str]
+
+
+class Request:
+    """A client request. `body` is None while the body streams; bytes once buffered.
+
+    An addon that needs the body calls `want_body()` in its `requestheaders` hook: the engine then
+    reads it (up to the cap, else 413) before the `request` hooks run.
+    """
+
+    __slots__ = ("method", "target", "http_version", "headers", "body", "scheme", "host",
+                 "body_cap", "content_length", "chunked", "_stream")
+
+    def __init__(self, method: str, target: str, headers: CIMultiDict, *, http_version: str = "1.1",
+                 body: bytes | None = None, scheme: str = "http", host: str = "") -> None:
+        self.method = method
+        self.target = target  # raw request-target: path and query, as received
+        self.http_version = http_version
+        self.headers = headers
+        self.body = body
+        self.scheme = scheme
+        self.host = host
+        self.body_cap: int | None = None  # set by want_body()
+        self.content_length: int | None = None
+        self.chunked = False
+        self._stream: Any = None
+
+    @property
+    def path(self) -> str:
+        """The path without the query."""
+        i = self.target.find("?")
+        return self.target if i < 0 else self.target[:i]
+
+    @property
+    def query(self) -> str:
+        i = self.target.find("?")
+        return "" if i < 0 else self.target[i + 1:]
+
+    @property
+    def has_body(self) -> bool:
+        return self.body is not None or self.chunked or bool(self.content_length)
+
+    def want_body(self, cap: int | None = None) -> None:
+        """Ask the engine to buffer the body (at most `cap` bytes; the smallest cap asked wins)."""
+        if cap is None:
+            cap = 1 << 62
+        self.body_cap = cap if self.body_cap is None else min(self.body_cap, cap)
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.target}>"
+
+
+class Response:
+    """A response, from upstream or made by an addon (`Response.make`)."""
+
+    __slots__ = ("status", "reason", "headers", "body", "body_cap", "http_version", "_stream")
+
+    def __init__(self, status: int, headers: CIMultiDict | None = None, body: bytes | None = None,
+                 *, reason: str = "", http_version: str = "1.1") -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers if headers is not None else CIMultiDict()
+        self.body = body
+        self.body_cap: int | None = None
+        self.http_version = http_version
+        self._stream: Any = None
+
+    @classmethod
+    def make(cls, status: int = 200, body: bytes | str = b"",
+             headers: dict[str, str] | list[tuple[str, str]] | None = None) -> "Response":
+        """A complete response made by an addon; nothing goes upstream."""
+        if isinstance(body, str):
+            body = body.encode()
+        h: CIMultiDict = CIMultiDict(headers or ())
+        return cls(status, h, body)
+
+    def want_body(self, cap: int | None = None) -> None:
+        """Ask the engine to buffer the upstream body before the `response` hooks run."""
+        if cap is None:
+            cap = 1 << 62
+        self.body_cap = cap if self.body_cap is None else min(self.body_cap, cap)
+
+    @property
+    def content_type(self) -> str:
+        return self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status}>"
+
+
+class Flow:
+    """One request/response exchange.
+
+    id: the request id (the client's well-formed X-Request-ID, else generated).
+    upstream: where the request goes; an addon reroutes by setting it.
+    identity: set by an auth addon.
+    metadata: free-form notes addons share (namespaced by addon name, by convention).
+    route: the bounded route class for metrics ("jmap", "api", "session", "other", ...).
+    """
+
+    __slots__ = ("id", "request", "response", "upstream", "identity", "error", "metadata",
+                 "client_addr", "started", "route", "upstream_ms", "bytes_in", "bytes_out",
+                 "client_token", "__weakref__")
+
+    def __init__(self, request: Request, *, id: str, client_addr: str = "",
+                 upstream: "Target | None" = None) -> None:
+        self.id = id
+        self.request = request
+        self.response: Response | None = None
+        self.upstream = upstream
+        self.identity: Identity | None = None
+        self.error: Exception | None = None
+        self.metadata: dict[str, Any] = {}
+        self.client_addr = client_addr
+        self.started = time.perf_counter()
+        self.route = "other"
+        self.upstream_ms: float | None = None
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.client_token: str | None = None
+
+    def __repr__(self) -> str:
+        return f"<Flow {self.id} {self.request.method} {self.request.target}>"

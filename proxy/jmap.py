@@ -1,0 +1,103 @@
+"""JMAP request bodies (RFC 8620 §3.3): parsed once, shared along the chain. Sans-IO.
+
+`request_of(flow)` returns the parsed form that any addon may read (policy, guard, metrics);
+the body is parsed at most once per flow.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from .errors import BadRequest
+
+if TYPE_CHECKING:
+    from .flow import Flow
+
+__all__ = ["MethodCall", "JmapRequest", "parse_request", "request_of", "is_api_request",
+           "ACCOUNT_KEYS", "METADATA_KEY"]
+
+METADATA_KEY = "jmap.request"
+# argument names that name an account (RFC 8620 §5.4 Foo/copy uses fromAccountId)
+ACCOUNT_KEYS = ("accountId", "fromAccountId")
+
+
+@dataclass(frozen=True, slots=True)
+class MethodCall:
+    name: str
+    args: dict[str, Any]
+    call_id: str
+
+    def account_ids(self) -> list[str]:
+        out = []
+        for k in ACCOUNT_KEYS:
+            v = self.args.get(k)
+            if v is not None:
+                out.append(v if isinstance(v, str) else repr(v))
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class JmapRequest:
+    using: tuple[str, ...]
+    calls: tuple[MethodCall, ...]
+    raw: dict[str, Any]
+
+    @property
+    def method_names(self) -> list[str]:
+        return [c.name for c in self.calls]
+
+    def account_ids(self) -> set[str]:
+        return {a for c in self.calls for a in c.account_ids()}
+
+
+def parse_request(body: bytes) -> JmapRequest:
+    """Parse a JMAP API request. Raises BadRequest with JMAP's own error types
+    (urn:ietf:params:jmap:error:notJSON / notRequest) in the problem's `jmapType`."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadRequest("The request body is not valid JSON.",
+                         extra={"jmapType": "urn:ietf:params:jmap:error:notJSON"}) from None
+    if not isinstance(doc, dict):
+        raise _not_request("The request must be a JSON object.")
+    using = doc.get("using")
+    calls = doc.get("methodCalls")
+    if not isinstance(using, list) or not all(isinstance(u, str) for u in using):
+        raise _not_request("`using` must be an array of capability strings.")
+    if not isinstance(calls, list):
+        raise _not_request("`methodCalls` must be an array.")
+    parsed = []
+    for i, c in enumerate(calls):
+        if (not isinstance(c, list) or len(c) != 3 or not isinstance(c[0], str)
+                or not isinstance(c[1], dict) or not isinstance(c[2], str)):
+            raise _not_request(f"methodCalls[{i}] must be [name, arguments, callId].")
+        parsed.append(MethodCall(c[0], c[1], c[2]))
+    return JmapRequest(tuple(using), tuple(parsed), doc)
+
+
+def _not_request(detail: str) -> BadRequest:
+    return BadRequest(detail, extra={"jmapType": "urn:ietf:params:jmap:error:notRequest"})
+
+
+def is_api_request(flow: "Flow", jmap_path: str = "/jmap") -> bool:
+    """A POST to the JMAP API endpoint (jmap_path, with or without a trailing slash)."""
+    if flow.request.method != "POST":
+        return False
+    p = flow.request.path.rstrip("/")
+    return p == jmap_path.rstrip("/") or p == jmap_path.rstrip("/") + "/api"
+
+
+def request_of(flow: "Flow") -> JmapRequest | None:
+    """The flow's parsed JMAP request (parsed once, cached in flow.metadata), or None when the
+    body was not buffered. Raises BadRequest for a body that is not a JMAP request."""
+    cached = flow.metadata.get(METADATA_KEY)
+    if cached is not None:
+        return cached
+    body = flow.request.body
+    if body is None:
+        return None
+    req = parse_request(body)
+    flow.metadata[METADATA_KEY] = req
+    return req
