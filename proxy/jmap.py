@@ -101,3 +101,26 @@ def request_of(flow: "Flow") -> JmapRequest | None:
     req = parse_request(body)
     flow.metadata[METADATA_KEY] = req
     return req
+
+
+def route_class(path: str, jmap_path: str = "/jmap") -> str:
+    """A bounded label for metrics and logs: session, api, upload, download, eventsource,
+    websocket, rest, other."""
+    if path == "/.well-known/jmap":
+        return "session"
+    base = jmap_path.rstrip("/")
+    if path.startswith(base):
+        rest = path[len(base):]
+        if rest in ("", "/", "/api", "/api/"):
+            return "api"
+        if rest in ("/session", "/session/"):
+            return "session"
+        seg = rest[1:].split("/", 1)[0]
+        if seg in ("upload", "download", "eventsource"):
+            return seg
+        if seg == "ws":
+            return "websocket"
+        return "jmap_other"
+    if path.startswith("/api/v1/mail"):
+        return "rest"
+    return "other"

@@ -1,0 +1,377 @@
+"""JMAP guard: a user only ever reaches their own accounts, and doomed requests stop at the edge.
+
+- Every method call's `accountId` and `fromAccountId` must be one of the user's accounts (read
+  from the user's own session resource, see proxy.session.own_accounts); `#accountId` and
+  `#fromAccountId` result references are refused outright. Refusal: 403, nothing forwarded.
+- Upload and download paths (`<jmap_path>/upload/<acct>/...`, `<jmap_path>/download/<acct>/...`,
+  the same on Stalwart and Cyrus) must name one of the user's accounts.
+- The core capability's limits are mirrored: more calls than maxCallsInRequest -> 400 with JMAP
+  type urn:ietf:params:jmap:error:limit (Stalwart answers the same); a body over maxSizeRequest,
+  or an upload over maxSizeUpload -> 413 with the same type.
+- WebSocket upgrades under jmap_path are refused unless `allow_websocket`: frames are not inspected.
+- Flows without an identity are left alone: the auth addon decides about them.
+
+The session is fetched once per (identity.subject, target) and cached (TTL, bounded LRU);
+concurrent misses share one fetch. A fetch that fails fails the request (502/503): an unchecked
+request is never forwarded.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Hashable
+from urllib.parse import unquote, urljoin, urlsplit
+
+from proxy.errors import (BadGateway, BadRequest, ConfigError, Forbidden, InternalError, NoUpstream,
+                          PayloadTooLarge, ProxyError, Unauthorized)
+from proxy.jmap import ACCOUNT_KEYS, JmapRequest, is_api_request, request_of
+from proxy.session import Limits, Session, own_accounts
+
+if TYPE_CHECKING:
+    from proxy.addonmanager import Loader
+    from proxy.flow import Flow
+    from proxy.target import Target
+
+__all__ = ["JmapGuard", "JmapGuardOptions", "SessionCache", "SessionEntry", "check_request",
+           "account_path", "LIMIT_TYPE"]
+
+log = logging.getLogger(__name__)
+
+LIMIT_TYPE = "urn:ietf:params:jmap:error:limit"
+_REDIRECTS = (301, 302, 303, 307, 308)
+_MAX_REDIRECTS = 3
+_REF_KEYS = frozenset("#" + k for k in ACCOUNT_KEYS)
+
+
+# ---------------------------------------------------------------------------- pure logic
+def _refused(exc: ProxyError, reason: str) -> ProxyError:
+    exc.reason = reason  # type: ignore[attr-defined]  # the bounded metric label
+    return exc
+
+
+def limit_error(cls: type[ProxyError], limit: str, detail: str) -> ProxyError:
+    return cls(detail, extra={"jmapType": LIMIT_TYPE, "limit": limit})
+
+
+def check_request(req: JmapRequest, own: frozenset[str], limits: Limits) -> None:
+    """Raise the refusal for a JMAP request the user may not send; return when it may go. Pure."""
+    if len(req.calls) > limits.max_calls_in_request:
+        raise _refused(limit_error(
+            BadRequest, "maxCallsInRequest",
+            f"The request has {len(req.calls)} method calls; the limit is {limits.max_calls_in_request}."),
+            "too_many_calls")
+    for call in req.calls:
+        for key in call.args:
+            if key in _REF_KEYS:
+                raise _refused(Forbidden(
+                    f"Method call {call.call_id!r} ({call.name}) uses a result reference for {key[1:]}."),
+                    "result_reference")
+        for key in ACCOUNT_KEYS:
+            if key not in call.args or call.args[key] is None:
+                continue
+            acct = call.args[key]
+            if not isinstance(acct, str) or acct not in own:
+                raise _refused(Forbidden(
+                    f"Method call {call.call_id!r} ({call.name}) names an account that is not yours."),
+                    "foreign_account")
+
+
+def account_path(path: str, jmap_path: str) -> tuple[str, str | None] | None:
+    """For a path under jmap_path: (kind, accountId or None) where kind is the first segment
+    after jmap_path ("upload", "download", "eventsource", "" ...), percent-decoded once.
+    None for a path outside jmap_path. Raises Forbidden for dot segments, empty inner segments
+    or an encoded slash, which an upstream might normalise into another path. Pure."""
+    base = jmap_path.rstrip("/")
+    if path != base and not path.startswith(base + "/"):
+        return None
+    segs = path[len(base) + 1:].split("/") if path != base else []
+    decoded = [unquote(s) for s in segs]
+    for i, s in enumerate(decoded):
+        if s in (".", "..") or "/" in s or "\\" in s or "\x00" in s or (s == "" and i < len(decoded) - 1):
+            raise _refused(Forbidden("The path is not allowed."), "path")
+    if not decoded:
+        return "", None
+    kind = decoded[0]
+    if kind in ("upload", "download"):
+        return kind, (decoded[1] if len(decoded) > 1 and decoded[1] else None)
+    return kind, None
+
+
+def redirect_path(current: str, location: str) -> str:
+    """The path and query a redirect points at (relative or absolute Location). Pure."""
+    parts = urlsplit(urljoin(current, location.strip()))
+    path = parts.path or "/"
+    return path + ("?" + parts.query if parts.query else "")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEntry:
+    session: Session
+    own: frozenset[str]
+
+
+class SessionCache:
+    """A TTL + LRU map. `clock` is injected so tests control time. Sans-IO."""
+
+    def __init__(self, size: int, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.size, self.ttl, self._clock = size, ttl, clock
+        self._data: OrderedDict[Hashable, tuple[float, Any]] = OrderedDict()
+
+    def get(self, key: Hashable) -> Any | None:
+        item = self._data.get(key)
+        if item is None:
+            return None
+        expires, value = item
+        if expires <= self._clock():
+            del self._data[key]
+            return None
+        self._data.move_to_end(key)
+        return value
+
+    def put(self, key: Hashable, value: Any) -> None:
+        self._data[key] = (self._clock() + self.ttl, value)
+        self._data.move_to_end(key)
+        while len(self._data) > self.size:
+            self._data.popitem(last=False)
+
+    def clear(self) -> None:
+        self._data.clear()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+# ---------------------------------------------------------------------------- the addon
+@dataclass(frozen=True, kw_only=True)
+class JmapGuardOptions:
+    """[addons.jmap_guard]"""
+    session_ttl: float = field(default=300.0, metadata={"kind": "duration"})
+    session_cache_size: int = 10_000
+    session_path: str = "/.well-known/jmap"
+    max_session_bytes: int = field(default=1 << 20, metadata={"kind": "size"})
+    allow_shared_accounts: bool = False
+    allow_websocket: bool = False
+
+    def __post_init__(self) -> None:
+        if self.session_cache_size < 1:
+            raise ConfigError("session_cache_size", "must be at least 1")
+        if not self.session_path.startswith("/"):
+            raise ConfigError("session_path", "must start with /")
+
+
+class JmapGuard:
+    name = "jmap_guard"
+    security = True
+    Options = JmapGuardOptions
+
+    def __init__(self) -> None:
+        self._loader: Loader | None = None
+        self._opts = JmapGuardOptions()
+        self._jmap_path = "/jmap"
+        self._cache = SessionCache(self._opts.session_cache_size, self._opts.session_ttl)
+        self._inflight: dict[Hashable, asyncio.Task] = {}
+
+    def load(self, loader: "Loader") -> None:
+        self._loader = loader
+        self._opts = loader.options or JmapGuardOptions()
+        self._jmap_path = loader.config.stalwart.jmap_path.rstrip("/") or "/"
+        self._cache = SessionCache(self._opts.session_cache_size, self._opts.session_ttl)
+        m = loader.metrics
+        self._refusals = m.counter("sge_proxy_jmap_guard_refused_total",
+                                   "JMAP requests the guard refused.", ("reason",))
+        self._lookups = m.counter("sge_proxy_jmap_session_cache_total",
+                                  "Session look-ups by the JMAP guard.", ("result",))
+        self._fetches = m.counter("sge_proxy_jmap_session_fetch_total",
+                                  "Session resources fetched upstream.", ("result",))
+
+    def done(self) -> None:
+        for t in self._inflight.values():
+            t.cancel()
+        self._inflight.clear()
+        self._cache.clear()
+
+    # ------------------------------------------------------------------ hooks
+    async def requestheaders(self, flow: "Flow") -> None:
+        if flow.identity is None:
+            return
+        try:
+            await self._check_head(flow)
+        except ProxyError as e:
+            self._count(e)
+            raise
+
+    async def request(self, flow: "Flow") -> None:
+        if flow.identity is None or not is_api_request(flow, self._jmap_path):
+            return
+        try:
+            entry = await self._entry(flow)
+            body = flow.request.body
+            if body is None:
+                raise InternalError("The JMAP request body was not buffered; refusing to forward it unchecked.")
+            self._check_size(len(body), entry.session.limits)
+            req = request_of(flow)
+            if req is None:
+                raise InternalError("The JMAP request could not be read.")
+            check_request(req, entry.own, entry.session.limits)
+        except ProxyError as e:
+            self._count(e)
+            raise
+
+    # ------------------------------------------------------------------ for other addons
+    async def session_for(self, flow: "Flow") -> Session:
+        """The user's session on flow.upstream (cached). Raises Unauthorized without identity."""
+        return (await self._entry(flow)).session
+
+    async def accounts_for(self, flow: "Flow") -> frozenset[str]:
+        """The user's own account ids on flow.upstream (cached)."""
+        return (await self._entry(flow)).own
+
+    # ------------------------------------------------------------------ internals
+    async def _check_head(self, flow: "Flow") -> None:
+        path = flow.request.path
+        parsed = account_path(path, self._jmap_path)
+        if parsed is None:
+            return
+        if not self._opts.allow_websocket and "websocket" in flow.request.headers.get("Upgrade", "").lower():
+            raise _refused(Forbidden("JMAP over WebSocket is not available through this proxy."), "websocket")
+        kind, acct = parsed
+        if kind in ("upload", "download"):
+            if acct is None:
+                raise _refused(Forbidden(f"The {kind} path names no account."), "foreign_account")
+            entry = await self._entry(flow)
+            if acct not in entry.own:
+                raise _refused(Forbidden(f"The {kind} path names an account that is not yours."),
+                               "foreign_account")
+            if kind == "upload":
+                n = _content_length(flow)
+                if n is not None and n > entry.session.limits.max_size_upload:
+                    raise _refused(limit_error(
+                        PayloadTooLarge, "maxSizeUpload",
+                        f"The upload is larger than {entry.session.limits.max_size_upload} bytes."), "too_large")
+            return
+        if is_api_request(flow, self._jmap_path):
+            entry = await self._entry(flow)
+            n = _content_length(flow)
+            if n is not None:
+                self._check_size(n, entry.session.limits)
+            flow.request.want_body(entry.session.limits.max_size_request)
+
+    @staticmethod
+    def _check_size(n: int, limits: Limits) -> None:
+        if n > limits.max_size_request:
+            raise _refused(limit_error(
+                PayloadTooLarge, "maxSizeRequest",
+                f"The request is larger than {limits.max_size_request} bytes."), "too_large")
+
+    def _count(self, e: ProxyError) -> None:
+        reason = getattr(e, "reason", None)
+        if reason is not None:
+            self._refusals.labels(reason).inc()
+
+    def _target(self, flow: "Flow") -> "Target":
+        if flow.upstream is not None:
+            return flow.upstream
+        assert self._loader is not None
+        return self._loader.config.default_target()
+
+    async def _entry(self, flow: "Flow") -> SessionEntry:
+        if flow.identity is None:
+            raise Unauthorized("Authentication is required.")
+        target = self._target(flow)
+        key = (flow.identity.subject, target.key)
+        entry = self._cache.get(key)
+        if entry is not None:
+            self._lookups.labels("hit").inc()
+            return entry
+        task = self._inflight.get(key)
+        if task is None:
+            self._lookups.labels("miss").inc()
+            task = asyncio.get_running_loop().create_task(
+                self._load(flow, target, key), name=f"jmap_guard:session:{target.name}")
+            self._inflight[key] = task
+            task.add_done_callback(lambda t, k=key: self._settled(k, t))
+        else:
+            self._lookups.labels("shared").inc()
+        # shield: a client that goes away must not cancel the fetch others are waiting on
+        return await asyncio.shield(task)
+
+    def _settled(self, key: Hashable, task: asyncio.Task) -> None:
+        if self._inflight.get(key) is task:
+            del self._inflight[key]
+        if not task.cancelled():
+            task.exception()  # retrieved here, so that no waiter left is not an error
+
+    async def _load(self, flow: "Flow", target: "Target", key: Hashable) -> SessionEntry:
+        try:
+            session = await self._fetch(flow, target)
+        except ProxyError:
+            self._fetches.labels("error").inc()
+            raise
+        self._fetches.labels("ok").inc()
+        assert flow.identity is not None
+        entry = SessionEntry(session, own_accounts(session, flow.identity.login,
+                                                   allow_shared=self._opts.allow_shared_accounts))
+        self._cache.put(key, entry)
+        return entry
+
+    async def _fetch(self, flow: "Flow", target: "Target") -> Session:
+        assert self._loader is not None
+        headers = [("Accept", "application/json"), *(await self._credentials(flow))]
+        path = self._opts.session_path
+        redirects = 0
+        while True:
+            try:
+                resp = await self._loader.fetch(target, "GET", path, headers=headers,
+                                                cap=self._opts.max_session_bytes)
+            except ProxyError:
+                raise
+            except Exception as e:
+                log.warning("JMAP session fetch from %s failed: %s: %s", target.name, type(e).__name__, e)
+                raise BadGateway("The JMAP session could not be fetched from the mail server.") from e
+            if resp.status not in _REDIRECTS:
+                break
+            location = resp.headers.get("Location")
+            redirects += 1
+            if not location or redirects > _MAX_REDIRECTS:
+                raise BadGateway("The mail server's JMAP session redirects too often or nowhere.")
+            path = redirect_path(path, location)
+        if resp.status in (429, 503):
+            retry = resp.headers.get("Retry-After")
+            raise NoUpstream("The mail server is not available.",
+                             headers={"Retry-After": retry} if retry else None)
+        if resp.status != 200:
+            log.warning("JMAP session fetch from %s answered %s", target.name, resp.status)
+            raise BadGateway(f"The mail server answered the session request with {resp.status}.")
+        return Session.parse(resp.body or b"")
+
+    async def _credentials(self, flow: "Flow") -> list[tuple[str, str]]:
+        """What authenticates the session request upstream: upstream_identity's credentials for
+        this flow when that addon is present, else the client's own Authorization header."""
+        assert self._loader is not None
+        ui = self._loader.addon("upstream_identity")
+        fn = getattr(ui, "credentials", None) if ui is not None else None
+        if fn is not None:
+            creds = fn(flow)
+            if inspect.isawaitable(creds):
+                creds = await creds
+            if creds is not None:
+                items = creds.items() if hasattr(creds, "items") else creds
+                return [(str(k), str(v)) for k, v in items]
+        auth = flow.request.headers.get("Authorization")
+        return [("Authorization", auth)] if auth else []
+
+
+def _content_length(flow: "Flow") -> int | None:
+    if flow.request.content_length is not None:
+        return flow.request.content_length
+    raw = flow.request.headers.get("Content-Length")
+    if raw is None:
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise BadRequest("Content-Length is not a number.") from None

@@ -1,0 +1,183 @@
+"""Policy enforcement: evaluates the declarative policy (proxy.policy) for every request.
+
+Files are validated at start (a bad file stops the proxy with the file and line) and reloaded
+when they change or when `reload()` is called (SIGHUP, admin POST /reload): a file that fails
+validation on reload keeps the previous policy in force and the error is logged.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import policies
+from proxy import jmap
+from proxy.errors import BadRequest, ConfigError, Forbidden
+from proxy.policy import Decision, Facts, PolicySet, build_set, evaluate, parse_policy
+
+if TYPE_CHECKING:
+    from proxy.addonmanager import Loader
+    from proxy.flow import Flow
+
+__all__ = ["Policy", "PolicyOptions", "DEFAULT_POLICY", "load_policy_files"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_POLICY = Path(policies.__file__).resolve().parent / "default.yaml"
+
+
+def load_policy_files(paths: list[Path], default_timezone: str) -> PolicySet:
+    """Read and validate the files, merged in order. Raises ConfigError naming file and line."""
+    parsed = []
+    for p in paths:
+        try:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError("addons.policy.files", f"cannot read {p}: {e}") from None
+        parsed.append(parse_policy(text, str(p), default_timezone=default_timezone))
+    return build_set(parsed)
+
+
+def _signature(paths: list[Path]) -> tuple[tuple[int, int, int] | None, ...]:
+    out = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+        except OSError:
+            out.append(None)
+        else:
+            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+    return tuple(out)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PolicyOptions:
+    """[addons.policy]
+
+    files: policy files, merged in order (relative paths resolve against the config file).
+    mode: enforce refuses denied requests; shadow only logs and counts what would be refused.
+    timezone: for time windows that name none.
+    reload_interval: how often the files are checked for changes (0 turns the watch off).
+    max_body: the most of a JMAP API request body buffered to read its method calls.
+    """
+    files: tuple[Path, ...] = (DEFAULT_POLICY,)
+    mode: Literal["enforce", "shadow"] = "enforce"
+    timezone: str = "UTC"
+    reload_interval: float = field(default=2.0, metadata={"kind": "duration"})
+    max_body: int = field(default=10 << 20, metadata={"kind": "size"})
+
+    def __post_init__(self) -> None:
+        if not self.files:
+            raise ConfigError("files", "at least one policy file is needed")
+        if self.timezone.upper() != "UTC":
+            try:
+                ZoneInfo(self.timezone)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ConfigError("timezone", f"unknown timezone {self.timezone!r}") from None
+        if self.max_body < 1:
+            raise ConfigError("max_body", "must be at least 1 byte")
+
+
+class Policy:
+    """Refuses (403) what the policy denies: a route, or a JMAP request with any forbidden call."""
+
+    name = "policy"
+    security = True
+    Options = PolicyOptions
+
+    def __init__(self, clock: Callable[[], datetime] | None = None) -> None:
+        self._clock = clock or (lambda: datetime.now(timezone.utc))
+        self.policy_set = PolicySet()
+        self._opts = PolicyOptions()
+        self._paths: list[Path] = []
+        self._sig: tuple[Any, ...] = ()
+        self._jmap_path = "/jmap"
+        self._counter: Any = None
+        self._children: dict[tuple[str, str], Any] = {}
+
+    def load(self, loader: "Loader") -> None:
+        self._opts = loader.options
+        self._paths = [loader.path(p) for p in self._opts.files]
+        self._jmap_path = loader.config.stalwart.jmap_path
+        self._counter = loader.metrics.counter(
+            "sge_proxy_policy_decisions_total", "Policy decisions (shadow ones included).",
+            ("policy", "effect", "mode"))
+        self._sig = _signature(self._paths)
+        self.policy_set = load_policy_files(self._paths, self._opts.timezone)
+        log.info("policy loaded: %s (%d rules, mode %s)", ", ".join(self.policy_set.names),
+                 len(self.policy_set.rules), self._opts.mode)
+        if self._opts.reload_interval > 0:
+            loader.spawn(self._watch(self._opts.reload_interval), "reload")
+
+    # ------------------------------------------------------------------ reload
+    def reload(self) -> bool:
+        """Re-read every file. On any error the previous policy stays in force. True if swapped."""
+        self._sig = _signature(self._paths)
+        try:
+            new = load_policy_files(self._paths, self._opts.timezone)
+        except ConfigError as e:
+            log.error("policy reload failed, keeping the previous policy: %s", e)
+            return False
+        self.policy_set = new
+        log.info("policy reloaded: %s (%d rules)", ", ".join(new.names), len(new.rules))
+        return True
+
+    async def _watch(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            if _signature(self._paths) != self._sig:
+                self.reload()
+
+    # ------------------------------------------------------------------ hooks
+    def requestheaders(self, flow: "Flow") -> None:
+        if jmap.is_api_request(flow, self._jmap_path):
+            flow.request.want_body(self._opts.max_body)
+
+    def request(self, flow: "Flow") -> None:
+        decision = evaluate(self.policy_set, self.facts(flow))
+        self._record(flow, decision)
+        if not decision.allowed and self._opts.mode == "enforce":
+            raise Forbidden(_detail(flow, decision),
+                            extra={"policyRule": decision.rule_id} if decision.rule_id else None)
+
+    def facts(self, flow: "Flow") -> Facts:
+        names = using = None
+        if jmap.is_api_request(flow, self._jmap_path):
+            req = jmap.request_of(flow)
+            if req is None:
+                raise BadRequest("The JMAP request has no body.",
+                                 extra={"jmapType": "urn:ietf:params:jmap:error:notJSON"})
+            names, using = tuple(req.method_names), req.using
+        return Facts(method=flow.request.method, path=flow.request.path, now=self._clock(),
+                     jmap_methods=names, using=using, identity=flow.identity,
+                     source_ip=flow.client_addr)
+
+    def _record(self, flow: "Flow", d: Decision) -> None:
+        mode = self._opts.mode
+        key = (d.policy, d.effect)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._counter.labels(d.policy, d.effect, mode)
+        child.inc()
+        subject = flow.identity.subject if flow.identity else "-"
+        if d.allowed:
+            log.debug("policy allow %s: rule=%s subject=%s %s %s", flow.id, d.rule_id, subject,
+                      flow.request.method, flow.request.path)
+            return
+        log.info("policy %s %s: rule=%s subject=%s method=%s route=%s %s reason=%s",
+                 "denied" if mode == "enforce" else "would deny (shadow)", flow.id,
+                 d.rule_id or "default-deny", subject, d.denied_method or "-",
+                 flow.request.method, flow.request.path[:200], d.reason)
+
+
+def _detail(flow: "Flow", d: Decision) -> str:
+    if d.denied_method:
+        what = f"JMAP method {d.denied_method}"
+    else:
+        what = f"{flow.request.method} {flow.request.path[:200]}"
+    return f"{what} is not allowed: {d.reason}"

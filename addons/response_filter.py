@@ -1,0 +1,138 @@
+"""Response filter: the session resource points clients back at the proxy and shows only the
+user's own accounts; redirects to the upstream become relative; fingerprinting headers go.
+
+API responses are never buffered or changed: raw JMAP keeps JMAP semantics (method errors inside
+an HTTP 200 pass untouched).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+import orjson
+
+from proxy.errors import ConfigError, UpstreamProtocolError
+from proxy.session import WEBSOCKET, Session, own_accounts, rewrite
+
+if TYPE_CHECKING:
+    from proxy.addonmanager import Loader
+    from proxy.flow import Flow, Response
+    from proxy.target import Target
+
+__all__ = ["ResponseFilter", "ResponseFilterOptions", "is_session_path", "relative_location",
+           "DEFAULT_STRIP"]
+
+DEFAULT_STRIP = ("Server", "X-Powered-By", "Via", "X-AspNet-Version", "X-Runtime", "Alt-Svc")
+_JSON_TYPES = ("application/json", "application/jmap+json")
+
+
+def is_session_path(method: str, path: str, jmap_path: str) -> bool:
+    """GET of a path that answers the session resource: /.well-known/jmap (Stalwart and Cyrus
+    redirect it, some servers answer it), <jmap_path>/session (Stalwart), <jmap_path> and
+    <jmap_path>/ (Cyrus). Pure."""
+    if method not in ("GET", "HEAD"):
+        return False
+    base = jmap_path.rstrip("/")
+    return path in ("/.well-known/jmap", "/.well-known/jmap/", base, base + "/", base + "/session")
+
+
+def relative_location(location: str, upstream: "Target | None", extra_hosts: tuple[str, ...] = ()) -> str:
+    """A Location that points at the upstream (its origin, or any absolute URL whose host is the
+    upstream's or one of extra_hosts) as path+query(+fragment); any other Location unchanged. Pure."""
+    try:
+        parts = urlsplit(location)
+        host = (parts.hostname or "").lower()
+    except ValueError:
+        return location
+    if not parts.scheme or not parts.netloc:
+        return location
+    hosts = {h.lower() for h in extra_hosts}
+    if upstream is not None:
+        hosts.add(upstream.host.lower())
+    if host not in hosts:
+        return location
+    start = location.find("//") + 2
+    cut = len(location)
+    for sep in "/?#":
+        i = location.find(sep, start)
+        if 0 <= i < cut:
+            cut = i
+    rest = location[cut:]
+    return rest if rest.startswith("/") else "/" + rest
+
+
+@dataclass(frozen=True, kw_only=True)
+class ResponseFilterOptions:
+    """[addons.response_filter]"""
+    public_url: str | None = None
+    strip_headers: tuple[str, ...] = DEFAULT_STRIP
+    allow_shared_accounts: bool = False
+    # keep the urn:ietf:params:jmap:websocket capability; only useful with jmap_guard.allow_websocket
+    websocket: bool = False
+    # more host names that mean "the upstream" in a Location (Stalwart's public host name)
+    upstream_hosts: tuple[str, ...] = ()
+    max_session_bytes: int = field(default=1 << 20, metadata={"kind": "size"})
+
+    def __post_init__(self) -> None:
+        if self.public_url is not None:
+            p = urlsplit(self.public_url)
+            if p.scheme not in ("http", "https") or not p.netloc or p.query or p.fragment:
+                raise ConfigError("public_url", f"expected http(s)://host[:port][/path], got {self.public_url!r}")
+
+
+class ResponseFilter:
+    name = "response_filter"
+    Options = ResponseFilterOptions
+
+    def __init__(self) -> None:
+        self._opts = ResponseFilterOptions()
+        self._jmap_path = "/jmap"
+        self._public_base = "http://127.0.0.1:8080"
+
+    def load(self, loader: "Loader") -> None:
+        self._opts = loader.options or ResponseFilterOptions()
+        self._jmap_path = loader.config.stalwart.jmap_path
+        self._public_base = (self._opts.public_url or loader.config.public_base()).rstrip("/")
+        self._rewritten = loader.metrics.counter("sge_proxy_session_rewrites_total",
+                                                 "Session resources rewritten for clients.", ("result",))
+
+    def responseheaders(self, flow: "Flow") -> None:
+        resp = flow.response
+        if resp is None:
+            return
+        for h in self._opts.strip_headers:
+            resp.headers.popall(h, None)
+        loc = resp.headers.get("Location")
+        if loc is not None:
+            resp.headers["Location"] = relative_location(loc, flow.upstream, self._opts.upstream_hosts)
+        if self._is_session(flow, resp):
+            resp.want_body(self._opts.max_session_bytes)
+
+    def response(self, flow: "Flow") -> None:
+        resp = flow.response
+        if resp is None or resp.body is None or not self._is_session(flow, resp):
+            return
+        if b'"apiUrl"' not in resp.body:
+            return
+        try:
+            doc = orjson.loads(resp.body)
+            session = Session.from_doc(doc)
+        except (orjson.JSONDecodeError, UpstreamProtocolError):
+            self._rewritten.labels("invalid").inc()
+            raise UpstreamProtocolError("The mail server sent an invalid JMAP session.") from None
+        if flow.identity is not None:
+            keep = own_accounts(session, flow.identity.login, allow_shared=self._opts.allow_shared_accounts)
+        else:
+            keep = frozenset(session.accounts)
+        out = rewrite(doc, self._public_base, keep)
+        if not self._opts.websocket and isinstance(out.get("capabilities"), dict):
+            out["capabilities"].pop(WEBSOCKET, None)
+        resp.body = orjson.dumps(out)
+        if "Content-Length" in resp.headers:
+            resp.headers["Content-Length"] = str(len(resp.body))
+        self._rewritten.labels("ok").inc()
+
+    def _is_session(self, flow: "Flow", resp: "Response") -> bool:
+        return (resp.status == 200 and resp.content_type in _JSON_TYPES
+                and is_session_path(flow.request.method, flow.request.path, self._jmap_path))

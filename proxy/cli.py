@@ -1,0 +1,155 @@
+"""The `sge-mail-proxy` command."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import ConfigError
+
+__all__ = ["main", "serve"]
+
+log = logging.getLogger("sge.proxy")
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML configuration file")
+    p.add_argument("--dev", action="store_true",
+                   help="the embedded development default: certs-dev certificates, the local JMAP stack")
+    p.add_argument("--listen", help="HOST:PORT of the proxy (SGE_LISTEN)")
+    p.add_argument("--admin-listen", help="HOST:PORT of the admin listener (SGE_ADMIN_LISTEN)")
+    p.add_argument("--upstream", help="the official server's base URL (STALWART_URL)")
+    p.add_argument("--chain", help="comma-separated addon names replacing the default chain ('' = none)")
+    p.add_argument("--addon", action="append", default=[], metavar="FILE",
+                   help="an addon file (repeatable); hot-reloaded when it changes")
+    p.add_argument("--access-log", help="'-' (stdout), 'off', or a file")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+
+
+def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
+    o: dict[str, Any] = {
+        "listen": ns.listen, "admin_listen": ns.admin_listen, "stalwart.url": ns.upstream,
+        "access_log": ns.access_log, "log_level": ns.log_level,
+    }
+    if ns.chain is not None:
+        o["chain"] = [c.strip() for c in ns.chain.split(",") if c.strip()]
+    return o
+
+
+def build_config(ns: argparse.Namespace):
+    from .config import load_config
+    base = None
+    if ns.dev:
+        from .devconfig import dev_base
+        base = dev_base()
+    return load_config(ns.config, overrides=_overrides(ns), base=base)
+
+
+async def serve(config, addon_files: Sequence[str] = (), *, on_ready=None) -> int:
+    """Run until SIGTERM/SIGINT; drain; return the exit status."""
+    from .admin import AdminServer
+    from .engine import Engine
+
+    engine = Engine(config, addon_files=tuple(addon_files))
+    await engine.start()
+    admin = AdminServer(engine)
+    await admin.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(engine.reload()))
+    log.info("listening on %s:%d (%s), admin on %s, upstream %s, chain [%s]",
+             config.listen_addr[0], engine.port, "https" if config.tls.enabled else "http",
+             f"{config.admin_addr[0]}:{admin.port}", engine.default_target,
+             ", ".join(type(a).__name__ for a in engine.addons.addons))
+    if on_ready is not None:
+        on_ready(engine, admin)
+    await stop.wait()
+    log.info("shutting down: draining %d in-flight requests (at most %.0fs)", engine.in_flight,
+             config.drain_timeout)
+    clean = await engine.stop()
+    await admin.stop()
+    log.info("stopped%s", "" if clean else " (drain timed out)")
+    return 0
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _loop_runner():
+    try:
+        import uvloop
+        return uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run
+
+
+def cmd_run(ns: argparse.Namespace) -> int:
+    cfg = build_config(ns)
+    _setup_logging(cfg.log_level)
+    on_ready = None
+    if ns.dev:
+        from .devconfig import print_welcome
+        on_ready = print_welcome
+    return _loop_runner()(serve(cfg, ns.addon, on_ready=on_ready))
+
+
+def cmd_check_config(ns: argparse.Namespace) -> int:
+    """Validate everything that can be validated without serving: values, files, addons' options."""
+    cfg = build_config(ns)
+
+    async def check() -> None:
+        from .engine import Engine
+        engine = Engine(cfg, addon_files=tuple(ns.addon))
+        try:
+            await engine.load_addons()
+        finally:
+            await engine.addons.done()
+
+    asyncio.run(check())
+    print(f"configuration OK ({cfg.source or 'defaults'}): upstream {cfg.default_target()}, "
+          f"listen {cfg.listen}, admin {cfg.admin_listen}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough = {
+        "dev-certs": ("proxy.devcerts", "main"),
+        "verify-signature": ("proxy.signing", "verify_signature_main"),
+        "hash-api-key": ("proxy.tokens", "hash_api_key_main"),
+        "dev-token": ("proxy.devconfig", "dev_token_main"),
+    }
+    if argv and argv[0] in passthrough:
+        import importlib
+        mod, fn = passthrough[argv[0]]
+        return getattr(importlib.import_module(mod), fn)(argv[1:])
+    parser = argparse.ArgumentParser(prog="sge-mail-proxy", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd")
+    _run_args(sub.add_parser("run", help="run the proxy (the default)"))
+    _run_args(sub.add_parser("check-config", help="validate the configuration and exit"))
+    for name in passthrough:
+        sub.add_parser(name, help=f"see `sge-mail-proxy {name} --help`")
+    if not argv or argv[0].startswith("-"):
+        argv = ["run", *argv]
+    ns = parser.parse_args(argv)
+    try:
+        if ns.cmd == "check-config":
+            return cmd_check_config(ns)
+        return cmd_run(ns)
+    except ConfigError as e:
+        print(f"sge-mail-proxy: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""HTTP/1.1 message rules the proxy applies on both legs. Sans-IO: headers in, headers/bytes out."""
+from __future__ import annotations
+
+import re
+from http import HTTPStatus
+
+from multidict import CIMultiDict
+
+__all__ = ["HOP_BY_HOP", "scrub_request", "scrub_response", "request_head", "response_head",
+           "valid_request_id", "reason_phrase", "connection_tokens"]
+
+# RFC 9110 §7.6.1 plus the classic hop-by-hop list; Proxy-* are all dropped by prefix.
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
+                        "proxy-connection", "proxy-authenticate", "proxy-authorization"})
+# what a client may not tell the upstream about where it came from or who it is
+_CLIENT_SPOOFABLE_PREFIXES = ("x-forwarded-", "x-sge-", "proxy-")
+_CLIENT_SPOOFABLE = frozenset({"forwarded", "x-real-ip", "x-client-ip"})
+_RESPONSE_DROP = frozenset({"alt-svc"})
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{8,128}")
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+
+
+def reason_phrase(status: int) -> str:
+    return _REASONS.get(status, "Unknown")
+
+
+def valid_request_id(value: str | None) -> bool:
+    return value is not None and _REQUEST_ID.fullmatch(value) is not None
+
+
+def connection_tokens(headers: CIMultiDict) -> set[str]:
+    """Header names listed in Connection (they are hop-by-hop too)."""
+    out: set[str] = set()
+    for v in headers.getall("Connection", ()):
+        for tok in v.split(","):
+            tok = tok.strip().lower()
+            if tok:
+                out.add(tok)
+    return out
+
+
+def _drop(headers: CIMultiDict, names: set[str], prefixes: tuple[str, ...]) -> None:
+    for k in list(headers.keys()):
+        lk = k.lower()
+        if lk in names or lk.startswith(prefixes):
+            headers.popall(k, None)
+
+
+def scrub_request(headers: CIMultiDict, peer: str, scheme: str) -> None:
+    """In place: drop hop-by-hop headers (and those Connection names), every client-sent Forwarded,
+    X-Forwarded-*, X-Real-IP and X-SGE-*; then set exactly one X-Forwarded-For (the peer) and
+    X-Forwarded-Proto."""
+    names = set(HOP_BY_HOP) | _CLIENT_SPOOFABLE
+    if "Connection" in headers:
+        names |= connection_tokens(headers) - {"host", "content-length", "authorization"}
+    _drop(headers, names, _CLIENT_SPOOFABLE_PREFIXES)
+    headers["X-Forwarded-For"] = peer
+    headers["X-Forwarded-Proto"] = scheme
+
+
+def scrub_response(headers: CIMultiDict) -> None:
+    """In place: drop hop-by-hop headers (and those Connection names) and Alt-Svc."""
+    names = set(HOP_BY_HOP) | _RESPONSE_DROP
+    if "Connection" in headers:
+        names |= connection_tokens(headers) - {"content-length"}
+    _drop(headers, names, ("proxy-",))
+
+
+def request_head(method: str, target: str, headers: CIMultiDict) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1"]
+    lines.extend(f"{k}: {v}" for k, v in headers.items())
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode("latin-1")
+
+
+def response_head(status: int, reason: str, headers: CIMultiDict | list[tuple[str, str]],
+                  version: str = "1.1") -> bytes:
+    items = headers.items() if isinstance(headers, CIMultiDict) else headers
+    lines = [f"HTTP/{version} {status} {reason or reason_phrase(status)}"]
+    lines.extend(f"{k}: {v}" for k, v in items)
+    lines.append("\r\n")
+    return "\r\n".join(lines).encode("latin-1")
