@@ -180,10 +180,11 @@ class HttpProtocol(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             # upgrades are not offered: the request was handled as plain HTTP; close after it
             self._must_close = True
-        except ProxyError as e:
-            self._reject(e)
-        except httptools.HttpParserError:
-            self._reject(BadRequest("The request is not valid HTTP/1.1."))
+        except httptools.HttpParserError as e:
+            # llhttp wraps what a callback raised (HeadersTooLarge, BadRequest) as its context
+            cause = e.__context__
+            self._reject(cause if isinstance(cause, ProxyError)
+                         else BadRequest("The request is not valid HTTP/1.1."))
 
     def _reject(self, err: ProxyError) -> None:
         """A parse-level failure: answer without a cycle and close."""

@@ -292,15 +292,19 @@ def verify(method: str, path_and_query: str, headers: Mapping[str, str], body: b
            seen: ReplayCache | None = None) -> VerifiedIdentity:
     """Check a signed request; return who it is for, or raise SignatureError(reason).
 
+    X-SGE-User-ID, -Tenant and -Session-ID may be absent (an intermediary dropping an empty header):
+    they read as empty, which is what the signature then has to cover.
     `keys` holds every accepted key id (a KeyRing or a plain {kid: secret}). `body` is the request
     body as received; None only when it is not available, which is refused unless the signer sent
     UNSIGNED-PAYLOAD. The timestamp must be within `window` seconds of `now`, either direction.
     With `seen`, a request id + signature accepted once is refused for the rest of its window.
     """
     h = _collect(headers)
-    for name in SGE_HEADERS:
+    for name in (H_REQUEST, H_TIMESTAMP, H_CONTENT, H_SIGNATURE):
         if name not in h:
             raise SignatureError("missing_header", name)
+    for name in (H_USER, H_TENANT, H_SESSION):  # an absent value reads as empty, as signed
+        h.setdefault(name, "")
     m = _SIG_RE.fullmatch(h[H_SIGNATURE])
     if m is None:
         raise SignatureError("malformed_signature", "expected v1,kid=<key id>,sig=<43 base64url chars>")

@@ -207,6 +207,7 @@ class UpstreamConnection(asyncio.Protocol):
         for fut in (self._head_fut, self._done_fut):
             if fut is not None and not fut.done():
                 fut.set_exception(err)
+                fut.exception()  # whoever awaits it still gets it; nobody awaiting is fine
         d, self._drain = self._drain, None
         if d is not None and not d.done():
             d.set_result(None)

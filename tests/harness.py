@@ -1,0 +1,155 @@
+"""Real servers for integration tests: an mTLS aiohttp upstream and the proxy, in-process or as a
+subprocess. Everything binds 127.0.0.1 port 0."""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from proxy.config import load_config
+from proxy.engine import Engine
+
+ROOT = Path(__file__).resolve().parent.parent
+SEEN: web.AppKey[list] = web.AppKey("seen", list)
+
+
+def upstream_app() -> web.Application:
+    """The test upstream: records what it received and offers slow, big and hop-by-hop answers."""
+    app = web.Application(client_max_size=1 << 31)
+    seen: list[dict[str, Any]] = []
+    app[SEEN] = seen
+
+    async def echo(r: web.Request) -> web.Response:
+        body = await r.read()
+        peer = r.transport.get_extra_info("peercert") if r.transport else None
+        subject = dict(x[0] for x in peer["subject"]) if peer else None
+        rec = {"method": r.method, "path": r.path_qs, "headers": list(r.headers.items()),
+               "length": len(body), "sha256": hashlib.sha256(body).hexdigest(),
+               "client_cert": subject}
+        seen.append(rec)
+        return web.json_response(rec)
+
+    async def download(r: web.Request) -> web.StreamResponse:
+        n = int(r.match_info["n"])
+        resp = web.StreamResponse()
+        if r.query.get("length") == "1":
+            resp.content_length = n
+        resp.content_type = "application/octet-stream"
+        await resp.prepare(r)
+        block = b"x" * 65536
+        left = n
+        while left:
+            k = min(left, len(block))
+            await resp.write(block[:k])
+            left -= k
+        await resp.write_eof()
+        return resp
+
+    async def upload(r: web.Request) -> web.Response:
+        h = hashlib.sha256()
+        total = 0
+        async for chunk in r.content.iter_chunked(1 << 16):
+            h.update(chunk)
+            total += len(chunk)
+        return web.json_response({"length": total, "sha256": h.hexdigest()})
+
+    async def hang(r: web.Request) -> web.Response:
+        await asyncio.sleep(3600)
+        return web.Response()
+
+    async def slow(r: web.Request) -> web.Response:
+        await asyncio.sleep(int(r.match_info["ms"]) / 1000)
+        return web.json_response({"slept": int(r.match_info["ms"])})
+
+    async def hop(r: web.Request) -> web.Response:
+        return web.Response(text="hop", headers={
+            "Upgrade": "h2c", "Connection": "Upgrade, X-Private", "X-Private": "1", "Alt-Svc": 'h2c=":1"',
+            "Keep-Alive": "timeout=5", "Proxy-Foo": "1", "Trailer": "X-T", "X-Kept": "yes"})
+
+    async def redirect(r: web.Request) -> web.Response:
+        return web.Response(status=307, headers={"Location": "/jmap/session"})
+
+    app.router.add_route("*", "/download/{n}", download)
+    app.router.add_route("POST", "/upload", upload)
+    app.router.add_route("*", "/hang", hang)
+    app.router.add_route("*", "/slow/{ms}", slow)
+    app.router.add_route("*", "/hop", hop)
+    app.router.add_route("GET", "/redirect", redirect)
+    app.router.add_route("*", "/{tail:.*}", echo)
+    return app
+
+
+async def start_app(app: web.Application, ssl_ctx=None) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_ctx)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+
+def proxy_config(certs: Path, upstream: str, *, client: str = "client", **over: Any):
+    o = {
+        "stalwart.url": upstream, "stalwart.client_cert": str(certs / f"{client}.crt"),
+        "stalwart.client_key": str(certs / f"{client}.key"), "stalwart.ca_cert": str(certs / "ca.crt"),
+        "listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0", "access_log": "off", "chain": [],
+    }
+    o.update(over)
+    return load_config(None, env={}, overrides=o)
+
+
+async def start_proxy(certs: Path, upstream: str, *, addons: list[Any] = (), **over: Any) -> Engine:
+    eng = Engine(proxy_config(certs, upstream, **over))
+    await eng.start()
+    if addons:
+        await eng.addons.add(*addons)
+    return eng
+
+
+_LISTEN = re.compile(r"listening on [^:]+:(\d+) .*admin on [^:]+:(\d+)")
+
+
+class ProxyProcess:
+    """The proxy as a real process (RSS, signals)."""
+
+    def __init__(self, env: dict[str, str], args: list[str] = ()) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "proxy.cli", "run", *args], env=env, cwd=ROOT,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.port = self.admin_port = 0
+        self.lines: list[str] = []
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()  # type: ignore[union-attr]
+            if not line:
+                break
+            self.lines.append(line)
+            m = _LISTEN.search(line)
+            if m:
+                self.port, self.admin_port = int(m.group(1)), int(m.group(2))
+                threading.Thread(target=self._drain, daemon=True).start()
+                return
+        self.proc.kill()
+        raise RuntimeError("proxy did not start: " + "".join(self.lines))
+
+    def _drain(self) -> None:
+        for line in self.proc.stderr:  # type: ignore[union-attr]
+            self.lines.append(line)
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
