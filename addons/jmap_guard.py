@@ -352,7 +352,9 @@ class JmapGuard:
         """What authenticates the session request upstream: upstream_identity's credentials for
         this flow when that addon is present, else the client's own Authorization header."""
         assert self._loader is not None
-        ui = self._loader.addon("upstream_identity")
+        # Loader's instance attribute `addon` (the owning addon) shadows its method addon(name):
+        # call the method through the class
+        ui = type(self._loader).addon(self._loader, "upstream_identity")
         fn = getattr(ui, "credentials", None) if ui is not None else None
         if fn is not None:
             creds = fn(flow)

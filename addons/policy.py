@@ -131,7 +131,10 @@ class Policy:
         while True:
             await asyncio.sleep(interval)
             if _signature(self._paths) != self._sig:
-                self.reload()
+                try:
+                    self.reload()
+                except Exception:  # a bug in loading must not end the watch; the old policy stays
+                    log.exception("policy reload crashed, keeping the previous policy")
 
     # ------------------------------------------------------------------ hooks
     def requestheaders(self, flow: "Flow") -> None:

@@ -39,6 +39,7 @@ PY = sys.executable
 JWT_SECRET = "sge-bench-hs256-key-not-a-secret-0123456789abcdef"  # the same string is in configs/full.yaml
 JWT_ISSUER = "https://auth.bench.invalid"
 JWT_AUDIENCE = "sge-mail-proxy"
+JWT_KID = "bench"
 ACCOUNT_ID = "b"  # the user's primary mail account in the upstream's session (wrk/jmap.lua uses it)
 
 START_TIMEOUT = 20.0
@@ -64,7 +65,7 @@ WORKLOADS = (
     Workload("jmap", "POST /jmap Mailbox/get (2 KB answer), 64 connections", "POST", "/jmap", 64, 2000,
              BENCH / "wrk" / "jmap.lua"),
     Workload("get1m", "GET 1 MiB blob (/jmap/download/...), 16 connections", "GET",
-             f"/jmap/download/{ACCOUNT_ID}/Gbench1mib/large.bin?accept=application/octet-stream", 16, 1 << 20),
+             f"/jmap/download/{ACCOUNT_ID}/Gbench1mib/large.bin?accept=application/octet-stream", 16, 1_000_000),
 )
 
 
@@ -155,7 +156,7 @@ def mint_jwt() -> str:
     claims = {"sub": "user-bench-0001", "email": "bench@example.com", "iss": JWT_ISSUER,
               "aud": JWT_AUDIENCE, "iat": now, "nbf": now - 5, "exp": now + 6 * 3600,
               "sid": "bench-session", "roles": ["user"], "scope": "mail"}
-    return jwt.encode(claims, JWT_SECRET, algorithm="HS256")
+    return jwt.encode(claims, JWT_SECRET, algorithm="HS256", headers={"kid": JWT_KID})
 
 
 # ---------------------------------------------------------------- processes
@@ -421,7 +422,8 @@ class Bench:
         pin = ["taskset", "-c", str(self.proxy_cpu)]
         upstream = f"https://127.0.0.1:{self.upstream_port}"
         log = cell_dir / "proxy.log"
-        env = dict(os.environ)
+        # the proxy's own variables from the caller's shell must not leak into a row
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SGE_", "STALWART_"))}
         if kind.name == "naive":
             argv = pin + [PY, str(BENCH / "naive_proxy.py"), str(port), upstream, str(CERTS), "--uvloop"]
         elif kind.name == "nginx":

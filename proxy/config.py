@@ -233,20 +233,28 @@ def load_config(path: str | Path | None = None, *, env: Mapping[str, str] | None
         source = str(p)
         base_dir = p.resolve().parent
     layered: dict = {}
+    origin: dict[str, str] = {}
     for var, dotted in ENV_MAP.items():
         if var in env:
+            origin[dotted] = f"environment variable {var}"
             value: Any = env[var]
             if dotted == "chain":
                 value = [v.strip() for v in value.split(",") if v.strip()]
             _set_dotted(layered, dotted, value)
     for dotted, value in (overrides or {}).items():
         if value is not None:
+            origin[dotted] = "command line"
             _set_dotted(layered, dotted, value)
     tree = _merge(tree, layered)
     for k in ("source", "base_dir"):
         if k in tree:
             raise ConfigError(k, "is not a configuration key", source=source)
-    cfg = build(Config, tree, prefix="", source=source)
-    cfg = dataclasses.replace(cfg, source=source, base_dir=base_dir)
-    cfg.default_target()  # validates stalwart.url now, not at the first request
+    try:
+        cfg = build(Config, tree, prefix="", source=source)
+        cfg = dataclasses.replace(cfg, source=source, base_dir=base_dir)
+        cfg.default_target()  # validates stalwart.url now, not at the first request
+    except ConfigError as e:
+        if e.key in origin:  # say where the bad value came from
+            raise ConfigError(e.key, e.reason, source=origin[e.key]) from None
+        raise
     return cfg

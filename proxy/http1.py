@@ -7,7 +7,7 @@ from http import HTTPStatus
 from multidict import CIMultiDict
 
 __all__ = ["HOP_BY_HOP", "scrub_request", "scrub_response", "request_head", "response_head",
-           "valid_request_id", "reason_phrase", "connection_tokens"]
+           "valid_request_id", "reason_phrase", "connection_tokens", "rewrite_location"]
 
 # RFC 9110 §7.6.1 plus the classic hop-by-hop list; Proxy-* are all dropped by prefix.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
@@ -65,6 +65,16 @@ def scrub_response(headers: CIMultiDict) -> None:
     if "Connection" in headers:
         names |= connection_tokens(headers) - {"content-length"}
     _drop(headers, names, ("proxy-",))
+
+
+def rewrite_location(location: str, upstream_origin: str) -> str:
+    """A redirect to the upstream's own origin becomes relative, so the client stays on the proxy
+    (nginx's `proxy_redirect default`). Anything else is passed through unchanged."""
+    if location.startswith(upstream_origin):
+        rest = location[len(upstream_origin):]
+        if rest == "" or rest[0] in "/?#":
+            return rest or "/"
+    return location
 
 
 def request_head(method: str, target: str, headers: CIMultiDict) -> bytes:

@@ -19,7 +19,8 @@ from multidict import CIMultiDict
 from .errors import (BadRequest, HeadersTooLarge, InternalError, PayloadTooLarge, ProxyError,
                      UpstreamTimeout, to_response)
 from .flow import Flow, Request, Response
-from .http1 import reason_phrase, request_head, response_head, scrub_request, scrub_response, valid_request_id
+from .http1 import (reason_phrase, request_head, response_head, rewrite_location, scrub_request,
+                    scrub_response, valid_request_id)
 from .jmap import route_class
 
 if TYPE_CHECKING:
@@ -383,6 +384,9 @@ class HttpProtocol(asyncio.Protocol):
             up = await self._forward(flow, body)
             flow.response = Response(up.status, up.headers, None, reason=up.reason)
             scrub_response(up.headers)
+            loc = up.headers.get("Location")
+            if loc is not None:
+                up.headers["Location"] = rewrite_location(loc, flow.upstream.origin)  # type: ignore[union-attr]
         if mgr.has("responseheaders"):
             await mgr.run("responseheaders", flow)
         resp = flow.response

@@ -208,7 +208,7 @@ def sign(ring: KeyRing, method: str, target: str, *, user_id: str | None, tenant
 
 # ---------------------------------------------------------------------------- verification
 class SignatureError(Unauthorized):
-    """Verification failed. `reason` is one of REASONS; `detail` says more."""
+    """Verification failed. `reason` is one of REASONS; `explanation` says more (may be empty)."""
 
     REASONS = ("missing_header", "duplicate_header", "malformed_header", "malformed_signature",
                "unknown_key", "timestamp_out_of_window", "bad_signature", "body_required",
@@ -219,6 +219,7 @@ class SignatureError(Unauthorized):
             raise ValueError(f"unknown signature failure reason {reason!r}")
         super().__init__(f"signature {reason}" + (f": {detail}" if detail else ""))
         self.reason = reason
+        self.explanation = detail
         self.code = f"signature_{reason}"
 
 
@@ -328,7 +329,9 @@ def verify(method: str, path_and_query: str, headers: Mapping[str, str], body: b
     ts = int(ts_text)
     now = time.time() if now is None else now
     if abs(now - ts) > window:
-        raise SignatureError("timestamp_out_of_window", f"{int(now - ts)} s old; window {window:g} s")
+        age = int(now - ts)
+        raise SignatureError("timestamp_out_of_window",
+                             f"{abs(age)} s {'old' if age > 0 else 'in the future'}; window {window:g} s")
     try:
         canonical = canonical_string(method, path_and_query, h[H_USER], h[H_TENANT], h[H_SESSION],
                                      h[H_REQUEST], ts_text, content)
@@ -459,7 +462,7 @@ def verify_signature_main(argv: Iterable[str] | None = None) -> int:
     try:
         ident = verify(method, target, CIMultiDict(headers), body, keys, now=args.now, window=args.window)
     except SignatureError as e:
-        print(f"FAIL {e.reason}: {e.detail}")
+        print(f"FAIL {e.reason}" + (f": {e.explanation}" if e.explanation else ""))
         return 1
     print("OK " + json.dumps(ident.to_dict(), ensure_ascii=False, sort_keys=True))
     return 0

@@ -1,0 +1,70 @@
+"""Header scrubbing tables and message serialisation."""
+from __future__ import annotations
+
+import pytest
+from multidict import CIMultiDict
+
+from proxy.http1 import request_head, response_head, scrub_request, scrub_response, valid_request_id
+
+
+@pytest.mark.parametrize("sent,kept_names", [
+    ([("Host", "a"), ("Authorization", "Basic x")], {"host", "authorization"}),
+    ([("Connection", "close"), ("Keep-Alive", "1"), ("TE", "trailers"), ("Trailer", "x"),
+      ("Transfer-Encoding", "chunked"), ("Upgrade", "websocket")], set()),
+    ([("Proxy-Authorization", "x"), ("Proxy-Connection", "k"), ("Proxy-Anything", "1")], set()),
+    ([("Forwarded", "for=1"), ("X-Forwarded-For", "1"), ("X-Forwarded-Host", "h"),
+      ("X-Forwarded-Proto", "https"), ("X-Real-IP", "1")], set()),
+    ([("X-SGE-User-ID", "bob"), ("x-sge-tenant", "t"), ("X-Sge-Signature", "s")], set()),
+    ([("Connection", "X-A, x-b"), ("X-A", "1"), ("X-B", "2"), ("X-C", "3")], {"x-c"}),
+    # Connection must not be able to strip what framing or auth needs
+    ([("Connection", "Content-Length, Authorization"), ("Content-Length", "3"),
+      ("Authorization", "x")], {"content-length", "authorization"}),
+])
+def test_scrub_request(sent, kept_names):
+    h = CIMultiDict(sent)
+    scrub_request(h, "10.0.0.9", "https")
+    names = {k.lower() for k in h}
+    assert names - {"x-forwarded-for", "x-forwarded-proto"} == kept_names
+    assert h.getall("X-Forwarded-For") == ["10.0.0.9"]
+    assert h.getall("X-Forwarded-Proto") == ["https"]
+
+
+@pytest.mark.parametrize("sent,kept_names", [
+    ([("Content-Type", "a"), ("Server", "x")], {"content-type", "server"}),
+    ([("Upgrade", "h2c"), ("Connection", "Upgrade"), ("Alt-Svc", 'h2c=":1"')], set()),
+    ([("Keep-Alive", "timeout=5"), ("Transfer-Encoding", "chunked"), ("Trailer", "x")], set()),
+    ([("Connection", "X-Private"), ("X-Private", "1"), ("X-Public", "2")], {"x-public"}),
+    ([("Proxy-Authenticate", "Basic")], set()),
+])
+def test_scrub_response(sent, kept_names):
+    h = CIMultiDict(sent)
+    scrub_response(h)
+    assert {k.lower() for k in h} == kept_names
+
+
+@pytest.mark.parametrize("value,ok", [
+    ("0123456789abcdef", True), ("a1b2c3d4-e5f6-7890-abcd-ef1234567890", True), ("short", False),
+    ("has space inside", False), ("x" * 129, False), ("tab\tin-the-middle", False), (None, False),
+    ("trace:span.01_x", True), ("crlf\r\ninjected!", False),
+])
+def test_valid_request_id(value, ok):
+    assert valid_request_id(value) is ok
+
+
+def test_request_and_response_heads():
+    h = CIMultiDict([("Host", "h"), ("A", "1"), ("A", "2")])
+    assert request_head("POST", "/jmap/?x=1", h) == b"POST /jmap/?x=1 HTTP/1.1\r\nHost: h\r\nA: 1\r\nA: 2\r\n\r\n"
+    assert response_head(404, "", [("X", "y")]) == b"HTTP/1.1 404 Not Found\r\nX: y\r\n\r\n"
+
+
+@pytest.mark.parametrize("loc,out", [
+    ("https://up.example:8443/jmap/session", "/jmap/session"),
+    ("https://up.example:8443", "/"),
+    ("https://up.example:8443?x=1", "?x=1"),
+    ("https://up.example:84430/x", "https://up.example:84430/x"),  # another port is another origin
+    ("https://elsewhere.example/x", "https://elsewhere.example/x"),
+    ("/relative", "/relative"),
+])
+def test_rewrite_location(loc, out):
+    from proxy.http1 import rewrite_location
+    assert rewrite_location(loc, "https://up.example:8443") == out
