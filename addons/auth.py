@@ -216,9 +216,10 @@ class FileKeySource:
             text = await asyncio.to_thread(self.path.read_text)
             data = yaml.safe_load(text)
         except OSError as e:
-            raise ConfigError("api_keys.file", f"cannot read {self.path}: {e.strerror}") from None
+            raise ConfigError("addons.auth.api_keys.file", f"cannot read {self.path}: {e.strerror}") from None
         except yaml.YAMLError as e:
-            raise ConfigError("api_keys.file", f"{self.path}: invalid YAML: {getattr(e, 'problem', e)}") from None
+            raise ConfigError("addons.auth.api_keys.file",
+                              f"{self.path}: invalid YAML: {getattr(e, 'problem', e)}") from None
         if isinstance(data, dict) and set(data) <= {"keys"}:
             data = data.get("keys")
         if data is None:
@@ -278,6 +279,8 @@ class Auth:
         self._rules = ClaimRules()
         self._public: frozenset[str] = frozenset()
         self._spawn: Any = None
+        self._failures: dict[str, Any] = {}
+        self._success: dict[str, Any] = {}
 
     async def load(self, loader: "Loader") -> None:
         opts: AuthOptions = loader.options

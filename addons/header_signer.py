@@ -26,9 +26,20 @@ _SECTION = "addons.header_signer"
 
 def upstream_target(flow: "Flow") -> str:
     """The request-target written on the upstream request line: the target's base path (from its
-    URL) followed by the client's path and query, unchanged."""
+    URL) followed by the client's path and query, unchanged.
+
+    The engine holds targets as latin-1 strings (one character per octet); the signing API takes
+    UTF-8 strings (surrogateescape for stray octets). Converting keeps the signed octets equal to
+    the octets on the wire, even for a (non-conforming) target with octets above 0x7F.
+    """
     base = flow.upstream.base_path if flow.upstream is not None else ""
-    return base + flow.request.target
+    t = base + flow.request.target
+    if not t.isascii():
+        try:
+            t = t.encode("latin-1").decode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # not from the wire: an addon wrote text, sent as UTF-8
+            pass
+    return t
 
 
 def strip_sge_headers(headers: Any) -> None:

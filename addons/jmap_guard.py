@@ -354,7 +354,7 @@ class JmapGuard:
         assert self._loader is not None
         # Loader's instance attribute `addon` (the owning addon) shadows its method addon(name):
         # call the method through the class
-        ui = type(self._loader).addon(self._loader, "upstream_identity")
+        ui = self._loader.addon("upstream_identity")
         fn = getattr(ui, "credentials", None) if ui is not None else None
         if fn is not None:
             creds = fn(flow)

@@ -43,7 +43,7 @@ class Loader:
 
     def __init__(self, manager: "AddonManager", addon: Any) -> None:
         self._manager = manager
-        self.addon = addon
+        self.owner = addon
         self.config: Config = manager.config
         self.metrics: Metrics = manager.metrics
         self.options: Any = manager.options_for(addon)
@@ -59,7 +59,7 @@ class Loader:
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task:
         """Start a background task the manager keeps a reference to and cancels on `done`."""
-        return self._manager.spawn(coro, f"{addon_name(self.addon)}:{name}", owner=self.addon)
+        return self._manager.spawn(coro, f"{addon_name(self.owner)}:{name}", owner=self.owner)
 
     async def fetch(self, target: "Target", method: str, path: str, *,
                     headers: list[tuple[str, str]] | None = None, body: bytes | None = None,

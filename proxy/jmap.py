@@ -109,7 +109,7 @@ def route_class(path: str, jmap_path: str = "/jmap") -> str:
     if path == "/.well-known/jmap":
         return "session"
     base = jmap_path.rstrip("/")
-    if path.startswith(base):
+    if path.startswith(base) and (len(path) == len(base) or path[len(base)] == "/"):
         rest = path[len(base):]
         if rest in ("", "/", "/api", "/api/"):
             return "api"

@@ -93,7 +93,7 @@ class JwksCache:
             keys = self._keys
             if keys is not None and now < self._expires and (kid is None or kid in keys.by_kid):
                 return  # refreshed by whoever held the lock before us
-            if False:
+            if now < self._next_attempt:
                 return
             # without any key yet, retry sooner: a provider blip at start should not last 30 s
             self._next_attempt = now + (self._interval if keys is not None else min(self._interval, 5.0))

@@ -288,18 +288,22 @@ def _collect(headers: Mapping[str, str]) -> dict[str, str]:
     return found
 
 
-def verify(method: str, path_and_query: str, headers: Mapping[str, str], body: bytes | None,
+def verify(method: str, path_and_query: str | bytes, headers: Mapping[str, str], body: bytes | None,
            keys: Mapping[str, bytes], *, now: float | None = None, window: float = 300,
            seen: ReplayCache | None = None) -> VerifiedIdentity:
     """Check a signed request; return who it is for, or raise SignatureError(reason).
 
     X-SGE-User-ID, -Tenant and -Session-ID may be absent (an intermediary dropping an empty header):
     they read as empty, which is what the signature then has to cover.
+    `path_and_query` is the request-target as received: its octets (bytes), or a str that maps
+    to them through UTF-8 (surrogateescape for stray octets).
     `keys` holds every accepted key id (a KeyRing or a plain {kid: secret}). `body` is the request
     body as received; None only when it is not available, which is refused unless the signer sent
     UNSIGNED-PAYLOAD. The timestamp must be within `window` seconds of `now`, either direction.
     With `seen`, a request id + signature accepted once is refused for the rest of its window.
     """
+    if isinstance(path_and_query, (bytes, bytearray)):
+        path_and_query = bytes(path_and_query).decode("utf-8", "surrogateescape")
     h = _collect(headers)
     for name in (H_REQUEST, H_TIMESTAMP, H_CONTENT, H_SIGNATURE):
         if name not in h:

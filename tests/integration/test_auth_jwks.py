@@ -206,6 +206,20 @@ async def test_jwks_key_rules(idp, proxy_auth):
     assert idp.fetches == 1
 
 
+async def test_prefetch_when_running(idp, proxy_auth):
+    idp.keys = [jwk(K1, "k1")]
+    mgr, _ = await proxy_auth(idp.url)
+    assert idp.fetches == 0  # nothing fetched while loading
+    await mgr.running()
+    for _ in range(100):
+        if idp.fetches:
+            break
+        await asyncio.sleep(0.01)
+    assert idp.fetches == 1
+    await login(mgr, token(K1, "k1"))
+    assert idp.fetches == 1
+
+
 async def test_provider_never_reached(proxy_auth):
     idp = Idp()
     await idp.start()

@@ -118,3 +118,14 @@ def test_is_api_request(method, target, jmap_path, expected) -> None:
 ])
 def test_route_class(path, expected) -> None:
     assert route_class(path) == expected
+
+
+@pytest.mark.parametrize("path,route", [
+    ("/.well-known/jmap", "session"), ("/jmap", "api"), ("/jmap/", "api"), ("/jmap/session", "session"),
+    ("/jmap/upload/a/", "upload"), ("/jmap/download/a/b/c", "download"), ("/jmap/eventsource/", "eventsource"),
+    ("/jmap/ws", "websocket"), ("/jmapx", "other"), ("/jmap/other", "jmap_other"),
+    ("/api/v1/mail/messages", "rest"), ("/wp-login.php", "other"),
+])
+def test_route_class(path, route):
+    from proxy.jmap import route_class
+    assert route_class(path) == route

@@ -430,3 +430,32 @@ async def test_session_for_serves_other_addons() -> None:
         assert sess.api_url == "https://mail.example.test/jmap/"
         assert await guard.accounts_for(s.flow("GET", "/x")) == {"a"}
         assert s.session_fetches() == 1
+
+
+# ---------------------------------------------------------------------------- the double itself
+async def test_double_is_faithful_where_the_proxy_depends_on_it() -> None:
+    double = StalwartDouble(api_delay=0.2)
+    async with stack(double) as s:
+        async def get(path: str, auth: str | None = None) -> Response:
+            return await s.pool.fetch(s.target, "GET", path, headers=[("Authorization", auth)] if auth else [])
+
+        r = await get("/.well-known/jmap")
+        assert (r.status, r.headers["Location"]) == (307, "/jmap/session")
+        r = await get("/jmap/session", basic("alice", "wrong"))
+        assert r.status == 401 and r.content_type == "application/problem+json"
+        assert sorted(v.split()[0] for v in r.headers.getall("WWW-Authenticate")) == ["Basic", "Bearer"]
+        r = await get("/jmap/session", basic("bob%proxy", "proxypw"))  # impersonation
+        assert orjson.loads(r.body)["username"] == "bob"
+        assert (await get("/jmap/session", basic("bob%alice", "alicepw"))).status == 401  # no permission
+        assert (await get("/healthz/live")).status == 200
+        double.ready = False
+        assert (await get("/healthz/ready")).status == 503
+
+        async def post() -> Response:
+            return await s.pool.fetch(s.target, "POST", "/jmap/", body=jmap(["Core/echo", {}, "0"]),
+                                      headers=[("Authorization", basic("alice", "alicepw"))])
+        answers = await asyncio.gather(*(post() for _ in range(5)))
+        statuses = sorted(r.status for r in answers)
+        assert statuses == [200, 200, 200, 200, 400]  # the fifth concurrent request hits the limit
+        refused = next(r for r in answers if r.status == 400)
+        assert orjson.loads(refused.body)["limit"] == "maxConcurrentRequests"

@@ -504,3 +504,19 @@ async def test_addon_config_errors_name_the_key(section, key, tmp_path):
     with pytest.raises(ConfigError) as ei:
         await _signer(section, tmp_path)
     assert ei.value.key == key
+
+
+async def test_addon_signs_the_wire_octets_of_a_non_ascii_target(tmp_path, capsys):
+    """The engine decodes the request line as latin-1; the signature covers the octets it sends."""
+    mgr = await _signer({"keys": {"k1": SECRET_B64}})
+    wire = b"/jmap/download/a/b/caf\xc3\xa9.txt?x=\xff"
+    f = await _run(mgr, _flow("GET", wire.decode("latin-1"), body=None))
+    h = f.request.headers
+    assert verify("GET", wire, h, b"", {"k1": SECRET}, now=T0).user_id == "u-1"
+    assert verify("GET", wire.decode("utf-8", "surrogateescape"), h, b"", {"k1": SECRET}, now=T0)
+    # and the CLI, reading the request as the upstream server would receive it
+    head = f"GET {{}} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in h.items()) + "\r\n"
+    req = tmp_path / "req.http"
+    req.write_bytes(head.encode().replace(b"{}", wire))
+    assert verify_signature_main([str(req), "--key", f"k1={SECRET_B64}", "--now", str(T0)]) == 0
+    assert capsys.readouterr().out.startswith("OK ")

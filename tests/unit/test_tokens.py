@@ -468,6 +468,19 @@ async def test_api_key_header_stripped_and_custom_prefix(tmp_path):
     assert (await attempt(mgr, bearer("svc_123"))).identity.subject == "svc"
 
 
+@pytest.mark.parametrize("text,key", [
+    ("keys: {a: 1}", "keys"),
+    ("- sha256: xyz\n  subject: s\n", "keys[0].sha256"),
+    ("- sha256: " + "a" * 64 + "\n", "keys[0]"),
+    ("keys: [", "addons.auth.api_keys.file"),
+])
+async def test_bad_api_key_file(tmp_path, text, key):
+    (tmp_path / "keys.yaml").write_text(text)
+    with pytest.raises(ConfigError) as e:
+        await manager({"api_keys": {"file": "keys.yaml"}}, base_dir=tmp_path)
+    assert e.value.key == key and e.value.source in (None, str(tmp_path / "keys.yaml")), str(e.value)
+
+
 def test_hash_api_key_main(monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO("sgek_abc\n"))
     assert hash_api_key_main([]) == 0
