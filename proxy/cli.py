@@ -124,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     passthrough = {
         "dev-certs": ("proxy.devcerts", "main"),
         "verify-signature": ("proxy.signing", "verify_signature_main"),
-        "hash-api-key": ("proxy.tokens", "hash_api_key_main"),
+        "hash-api-key": ("addons.auth", "hash_api_key_main"),
         "dev-token": ("proxy.devconfig", "dev_token_main"),
     }
     if argv and argv[0] in passthrough:
