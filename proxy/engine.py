@@ -44,6 +44,10 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.addons = AddonManager(config, self.metrics)
         s = config.stalwart
+        if s.routing_mode != "official":
+            raise ConfigError("stalwart.routing_mode",
+                              f"{s.routing_mode!r} routing is not available in this version; use 'official'",
+                              source=config.source)
         self.default_target = config.default_target()
         self.jmap_path = s.jmap_path
         self.tls = ClientTLS.from_files(cert=config.resolve(s.client_cert), key=config.resolve(s.client_key),
