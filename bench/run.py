@@ -639,7 +639,7 @@ def machine(args: argparse.Namespace, bench: Bench) -> str:
 
 # ---------------------------------------------------------------- prerequisites
 
-def check_prerequisites(kinds: list[ProxyKind]) -> None:
+def check_prerequisites() -> None:
     missing = [t for t in ("nginx", "wrk", "taskset") if shutil.which(t) is None]
     if missing:
         pkgs = {"nginx": "nginx", "wrk": "wrk", "taskset": "util-linux"}
@@ -685,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs < 1 or args.duration < 1:
         ap.error("--runs and --duration must be at least 1")
     kinds = [p for p in PROXIES if p.name in names]
-    check_prerequisites(kinds)
+    check_prerequisites()
 
     # SIGTERM unwinds like Ctrl-C so that the finally below stops every process
     signal.signal(signal.SIGTERM, _interrupt)
