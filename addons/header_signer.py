@@ -128,6 +128,19 @@ class HeaderSigner:
         """Swap in a new ring (key rotation from a secret store): one assignment, no lock needed."""
         self._ring = ring
 
+    def side_headers(self, flow: "Flow", method: str, path: str, body: bytes = b"") -> list[tuple[str, str]]:
+        """X-SGE-* headers for a side request another addon makes upstream on this flow's behalf
+        (the JMAP guard's session fetch): same identity and request id, its own method and path."""
+        ring = self._ring
+        if ring is None:
+            raise RuntimeError("header_signer used before load")
+        ident = flow.identity
+        base = flow.upstream.base_path if flow.upstream is not None else ""
+        return sign(ring, method, base + path,
+                    user_id=ident.subject if ident else None, tenant=ident.tenant if ident else None,
+                    session_id=ident.session_id if ident else None, request_id=flow.id,
+                    timestamp=int(self._clock()), body=body)
+
     def requestheaders(self, flow: "Flow") -> None:
         if self._opts is not None and self._opts.sign_body == "always":
             flow.request.want_body(self._opts.body_cap)

@@ -321,11 +321,14 @@ class JmapGuard:
     async def _fetch(self, flow: "Flow", target: "Target") -> Session:
         assert self._loader is not None
         headers = [("Accept", "application/json"), *(await self._credentials(flow))]
+        signer = self._loader.addon("header_signer")
+        side_headers = getattr(signer, "side_headers", None)
         path = self._opts.session_path
         redirects = 0
         while True:
+            hop = headers + side_headers(flow, "GET", path) if side_headers is not None else headers
             try:
-                resp = await self._loader.fetch(target, "GET", path, headers=headers,
+                resp = await self._loader.fetch(target, "GET", path, headers=hop,
                                                 cap=self._opts.max_session_bytes)
             except ProxyError:
                 raise
@@ -352,8 +355,6 @@ class JmapGuard:
         """What authenticates the session request upstream: upstream_identity's credentials for
         this flow when that addon is present, else the client's own Authorization header."""
         assert self._loader is not None
-        # Loader's instance attribute `addon` (the owning addon) shadows its method addon(name):
-        # call the method through the class
         ui = self._loader.addon("upstream_identity")
         fn = getattr(ui, "credentials", None) if ui is not None else None
         if fn is not None:

@@ -74,8 +74,7 @@ class Engine:
             await self.addons.add_spec(resolve_spec(entry, builtins))
 
     async def start(self) -> None:
-        """Bind the proxy listener (admin is separate: see admin.py)."""
-        await self.load_addons()
+        """Bind the proxy listener, then load the chain (admin is separate: see admin.py)."""
         host, port = self.config.listen_addr
         ssl_ctx = None
         if self.config.tls.enabled:
@@ -91,6 +90,17 @@ class Engine:
         except OSError as e:
             raise ConfigError("listen", f"cannot listen on {host}:{port}: {e.strerror}") from None
         self.servers.append(server)
+        if port == 0:  # an OS-chosen port: make the config (public_base) say which
+            import dataclasses
+            actual = server.sockets[0].getsockname()[1]
+            shown = f"[{host}]" if ":" in host else host
+            self.config = dataclasses.replace(self.config, listen=f"{shown}:{actual}")
+            self.addons.config = self.config
+        try:
+            await self.load_addons()
+        except BaseException:
+            server.close()
+            raise
         self.access_log.start()
         self.addons.watch_files(self.config.addon_reload_interval)
         self._probe_task = loop.create_task(self._probe_loop(), name="upstream-probe")

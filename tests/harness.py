@@ -106,11 +106,13 @@ def proxy_config(certs: Path, upstream: str, *, client: str = "client", **over: 
     return load_config(None, env={}, overrides=o)
 
 
-async def start_proxy(certs: Path, upstream: str, *, addons: list[Any] = (), **over: Any) -> Engine:
+async def start_proxy(certs: Path, upstream: str, *, addon_objects: list[Any] = (), **over: Any) -> Engine:
+    """`over` holds dotted config keys or whole sections (e.g. addons={...}); `addon_objects` are
+    ready-made addons appended to the chain."""
     eng = Engine(proxy_config(certs, upstream, **over))
     await eng.start()
-    if addons:
-        await eng.addons.add(*addons)
+    if addon_objects:
+        await eng.addons.add(*addon_objects)
     return eng
 
 

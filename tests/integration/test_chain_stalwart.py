@@ -1,0 +1,152 @@
+"""The full default chain in front of the Stalwart stand-in (tests/stalwart_double.py), served over
+TLS that requires the proxy's client certificate, in `impersonate` mode: session URLs rewritten to
+the proxy, the opaque account "a" is alice's and "b" (bob's) refused before it leaves the proxy,
+the Basic credential and the signed X-SGE-* headers the server receives, a 401 passed through."""
+from __future__ import annotations
+
+import base64
+import os
+
+import aiohttp
+import pytest
+
+from proxy.signing import verify
+from tests.conftest import free_port
+from tests.harness import start_proxy
+from tests.jwks_server import AUDIENCE, ISSUER, JwksServer, SigningKey
+from tests.stalwart_double import CORE, MAIL, StalwartDouble, serve
+
+IMPERSONATOR, SECRET = "proxy", "proxypw"
+SIGNING_KEY = os.urandom(32)
+
+
+@pytest.fixture
+async def double(server_ssl):
+    d = StalwartDouble()
+    async with serve(d, ssl_context=server_ssl) as url:
+        yield d, url
+
+
+@pytest.fixture
+async def idp():
+    async with JwksServer() as server:
+        server.publish(SigningKey("k1"))
+        yield server
+
+
+@pytest.fixture
+async def proxy(certs, double, idp):
+    _, url = double
+    port = free_port()  # the public URL must be known before the addons load
+    eng = await start_proxy(certs, url, chain=None, listen=f"127.0.0.1:{port}", **{
+        "stalwart.health_interval": 3600,
+        "addons.auth": {"jwt": {"issuer": ISSUER, "audience": AUDIENCE, "jwks_url": idp.url}},
+        "addons.upstream_identity": {"mode": "impersonate", "impersonator": IMPERSONATOR, "secret": SECRET},
+        "addons.header_signer": {"key_id": "edge1", "keys": {"edge1": base64.b64encode(SIGNING_KEY).decode()}},
+    })
+    yield f"http://127.0.0.1:{eng.port}"
+    await eng.stop(drain_timeout=1)
+
+
+def bearer(idp: JwksServer, login: str) -> dict[str, str]:
+    """A JWT whose subject is the Stalwart login (no email claim: the login is the subject)."""
+    return {"Authorization": "Bearer " + idp.keys[0].token(login, sid="s-" + login)}
+
+
+def mailbox_get(account: str) -> dict:
+    return {"using": [CORE, MAIL], "methodCalls": [["Mailbox/get", {"accountId": account}, "0"]]}
+
+
+async def test_session_urls_point_at_the_proxy_and_list_only_alices_account(proxy, double, idp):
+    d, _ = double
+    async with aiohttp.ClientSession(headers=bearer(idp, "alice")) as s:
+        async with s.get(proxy + "/.well-known/jmap") as r:  # 307 to /jmap/session, followed
+            assert r.status == 200
+            session = await r.json()
+    assert d.public_base not in str(session)
+    assert session["apiUrl"] == f"{proxy}/jmap/"
+    assert session["uploadUrl"] == f"{proxy}/jmap/upload/{{accountId}}/"
+    assert session["downloadUrl"].startswith(f"{proxy}/jmap/download/{{accountId}}/")
+    assert session["eventSourceUrl"].startswith(f"{proxy}/jmap/eventsource/")
+    assert list(session["accounts"]) == ["a"]
+    assert set(session["primaryAccounts"].values()) == {"a"}
+
+
+async def test_own_account_answers_and_bobs_never_leaves_the_proxy(proxy, double, idp):
+    d, _ = double
+    async with aiohttp.ClientSession(headers=bearer(idp, "alice")) as s:
+        async with s.post(proxy + "/jmap/", json=mailbox_get("a")) as r:
+            assert r.status == 200
+            name, args, _ = (await r.json())["methodResponses"][0]
+        assert name == "Mailbox/get" and args["accountId"] == "a"
+        seen = len(d.requests)
+        async with s.post(proxy + "/jmap/", json=mailbox_get("b")) as r:
+            assert r.status == 403
+            assert r.content_type == "application/problem+json"
+            assert (await r.json())["status"] == 403
+        async with s.post(proxy + "/jmap/upload/b/", data=b"blob",
+                          headers={"Content-Type": "application/octet-stream"}) as r:
+            assert r.status == 403
+            assert r.content_type == "application/problem+json"
+        async with s.get(proxy + "/jmap/download/b/Bx/x.bin?accept=text/plain") as r:
+            assert r.status == 403
+        assert len(d.requests) == seen  # none of the three reached the server
+        async with s.post(proxy + "/jmap/upload/a/", data=b"blob",
+                          headers={"Content-Type": "application/octet-stream"}) as r:
+            assert r.status == 201
+            assert (await r.json())["accountId"] == "a"
+    assert [r.path for r in d.requests[seen:]] == ["/jmap/upload/a/"]
+
+
+async def test_impersonation_credential_and_signed_headers_reach_the_server(proxy, double, idp):
+    d, _ = double
+    spoofed = {"X-SGE-User-ID": "bob", "X-SGE-Signature": "v1,kid=edge1,sig=" + "A" * 43,
+               "Authorize-As": "bob", "X-Forwarded-For": "203.0.113.9"}
+    async with aiohttp.ClientSession(headers=bearer(idp, "alice")) as s:
+        async with s.post(proxy + "/jmap/", json=mailbox_get("a"), headers=spoofed) as r:
+            assert r.status == 200
+            request_id = r.headers["X-Request-ID"]
+    api = [r for r in d.requests if r.path == "/jmap/"]
+    assert len(api) == 1
+    got = api[0]
+    scheme, _, cred = got.headers["Authorization"].partition(" ")
+    assert scheme == "Basic"
+    assert base64.b64decode(cred).decode() == f"alice%{IMPERSONATOR}:{SECRET}"
+    assert "Authorize-As" not in got.headers
+    assert got.headers.getall("X-Forwarded-For") == ["127.0.0.1"]
+    assert len(got.headers.getall("X-SGE-User-ID")) == 1
+    ident = verify(got.method, got.target, got.headers, got.body, {"edge1": SIGNING_KEY})
+    assert (ident.user_id, ident.session_id, ident.request_id) == ("alice", "s-alice", request_id)
+    assert ident.content_sha256 != "UNSIGNED-PAYLOAD"  # the API body was buffered, so it is hashed
+    # the session the JMAP guard fetched for itself went up as alice too, signed
+    fetched = [r for r in d.requests if r.path == "/jmap/session"]
+    assert fetched
+    assert base64.b64decode(fetched[0].headers["Authorization"][6:]).decode() == f"alice%{IMPERSONATOR}:{SECRET}"
+
+
+async def test_a_401_from_the_server_passes_through(proxy, double, idp):
+    d, _ = double
+    async with aiohttp.ClientSession(headers=bearer(idp, "alice")) as s:
+        async with s.post(proxy + "/jmap/", json=mailbox_get("a")) as r:  # caches alice's session
+            assert r.status == 200
+        d.user(IMPERSONATOR).secret = "rotated"  # the server no longer takes the proxy's secret
+        async with s.post(proxy + "/jmap/", json=mailbox_get("a")) as r:
+            assert r.status == 401
+            assert (await r.json())["status"] == 401
+        async with s.get(proxy + "/jmap/session") as r:
+            assert r.status == 401
+
+
+async def test_every_request_upstream_is_signed_for_the_user(proxy, double, idp):
+    """docs/signing.md: the proxy adds signed X-SGE-* headers to every request it sends upstream.
+    The JMAP guard's own session fetch goes upstream as the user too, so a verifying sidecar in
+    front of the server (mode `none`) must be able to check it like any other."""
+    d, _ = double
+    async with aiohttp.ClientSession(headers=bearer(idp, "alice")) as s:
+        async with s.post(proxy + "/jmap/", json=mailbox_get("a")) as r:
+            assert r.status == 200
+    as_user = [r for r in d.requests if r.path != "/healthz/ready"]
+    assert {r.path for r in as_user} >= {"/jmap/session", "/jmap/"}
+    for got in as_user:
+        ident = verify(got.method, got.target, got.headers, got.body, {"edge1": SIGNING_KEY})
+        assert ident.user_id == "alice", got.target
