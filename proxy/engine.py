@@ -65,6 +65,7 @@ class Engine:
         self.upstream_ok: float | None = None  # when an upstream last answered a probe
         self._addon_files = addon_files
         self._probe_task: asyncio.Task | None = None
+        self._sweep_task: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ setup
     async def load_addons(self) -> None:
@@ -104,11 +105,24 @@ class Engine:
         self.access_log.start()
         self.addons.watch_files(self.config.addon_reload_interval)
         self._probe_task = loop.create_task(self._probe_loop(), name="upstream-probe")
+        self._sweep_task = loop.create_task(self._sweep(), name="connection-sweeper")
         await self.addons.running()
 
     @property
     def port(self) -> int:
         return self.servers[0].sockets[0].getsockname()[1]
+
+    async def _sweep(self) -> None:
+        """Close client connections idle past limits.keepalive_timeout, or slower than
+        limits.header_timeout to send a request head (checked a few times a second)."""
+        limits = self.config.limits
+        interval = max(0.05, min(0.5, limits.header_timeout / 4, limits.keepalive_timeout / 4))
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            now = loop.time()
+            for c in list(self.connections):
+                c.expire(now)
 
     # ------------------------------------------------------------------ readiness
     async def probe(self) -> bool:
@@ -202,8 +216,9 @@ class Engine:
         for c in list(self.connections):
             if c.transport is not None:
                 c.transport.close()
-        if self._probe_task is not None:
-            self._probe_task.cancel()
+        for t in (self._probe_task, self._sweep_task):
+            if t is not None:
+                t.cancel()
         await self.addons.done()
         await self.pool.close()
         await self.access_log.close()

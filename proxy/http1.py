@@ -40,20 +40,23 @@ def connection_tokens(headers: CIMultiDict) -> set[str]:
     return out
 
 
-def _drop(headers: CIMultiDict, names: set[str], prefixes: tuple[str, ...]) -> None:
-    for k in list(headers.keys()):
-        lk = k.lower()
-        if lk in names or lk.startswith(prefixes):
-            headers.popall(k, None)
+_REQUEST_DROP = HOP_BY_HOP | _CLIENT_SPOOFABLE
+_RESPONSE_DROP_ALL = HOP_BY_HOP | _RESPONSE_DROP
+
+
+def _drop(headers: CIMultiDict, names: frozenset[str] | set[str], prefixes: tuple[str, ...]) -> None:
+    doomed = [k for k in headers.keys() if (lk := k.lower()) in names or lk.startswith(prefixes)]
+    for k in doomed:
+        headers.popall(k, None)
 
 
 def scrub_request(headers: CIMultiDict, peer: str, scheme: str) -> None:
     """In place: drop hop-by-hop headers (and those Connection names), every client-sent Forwarded,
     X-Forwarded-*, X-Real-IP and X-SGE-*; then set exactly one X-Forwarded-For (the peer) and
     X-Forwarded-Proto."""
-    names = set(HOP_BY_HOP) | _CLIENT_SPOOFABLE
+    names: frozenset[str] | set[str] = _REQUEST_DROP
     if "Connection" in headers:
-        names |= connection_tokens(headers) - {"host", "content-length", "authorization"}
+        names = names | (connection_tokens(headers) - {"host", "content-length", "authorization"})
     _drop(headers, names, _CLIENT_SPOOFABLE_PREFIXES)
     headers["X-Forwarded-For"] = peer
     headers["X-Forwarded-Proto"] = scheme
@@ -61,9 +64,9 @@ def scrub_request(headers: CIMultiDict, peer: str, scheme: str) -> None:
 
 def scrub_response(headers: CIMultiDict) -> None:
     """In place: drop hop-by-hop headers (and those Connection names) and Alt-Svc."""
-    names = set(HOP_BY_HOP) | _RESPONSE_DROP
+    names: frozenset[str] | set[str] = _RESPONSE_DROP_ALL
     if "Connection" in headers:
-        names |= connection_tokens(headers) - {"content-length"}
+        names = names | (connection_tokens(headers) - {"content-length"})
     _drop(headers, names, ("proxy-",))
 
 

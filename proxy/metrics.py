@@ -1,13 +1,63 @@
 """Prometheus metrics, in a registry of our own (never the global one)."""
 from __future__ import annotations
 
-from typing import Any
+from bisect import bisect_left
+from typing import Any, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
-__all__ = ["Metrics", "LATENCY_BUCKETS"]
+__all__ = ["Metrics", "LATENCY_BUCKETS", "HotCounter", "HotHistogram"]
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class HotCounter:
+    """A counter family for the per-request path: one dict update, no lock (the proxy's metrics
+    are only touched from its event loop thread), exposed through a custom collector."""
+
+    def __init__(self, name: str, doc: str, labels: tuple[str, ...]) -> None:
+        self.name, self.doc, self.labels = name, doc, labels
+        self.values: dict[tuple[str, ...], float] = {}
+
+    def inc(self, key: tuple[str, ...], amount: float = 1.0) -> None:
+        v = self.values
+        v[key] = v.get(key, 0.0) + amount
+
+    def collect(self) -> Iterable[Any]:
+        fam = CounterMetricFamily(self.name, self.doc, labels=self.labels)
+        for key, value in list(self.values.items()):
+            fam.add_metric(list(key), value)
+        yield fam
+
+
+class HotHistogram:
+    """A histogram family for the per-request path: bisect into plain lists."""
+
+    def __init__(self, name: str, doc: str, labels: tuple[str, ...],
+                 buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+        self.name, self.doc, self.labels = name, doc, labels
+        self.bounds = list(buckets)
+        self.data: dict[tuple[str, ...], list] = {}
+
+    def observe(self, key: tuple[str, ...], value: float) -> None:
+        d = self.data.get(key)
+        if d is None:
+            d = self.data[key] = [[0] * (len(self.bounds) + 1), 0.0]
+        d[0][bisect_left(self.bounds, value)] += 1
+        d[1] += value
+
+    def collect(self) -> Iterable[Any]:
+        fam = HistogramMetricFamily(self.name, self.doc, labels=self.labels)
+        for key, (counts, total) in list(self.data.items()):
+            acc, buckets = 0, []
+            for bound, n in zip(self.bounds, counts):
+                acc += n
+                buckets.append((repr(float(bound)), acc))
+            acc += counts[-1]
+            buckets.append(("+Inf", acc))
+            fam.add_metric(list(key), buckets, total)
+        yield fam
 
 
 class Metrics:
@@ -19,17 +69,19 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self._made: dict[str, Any] = {}
-        self.requests = self.counter("sge_proxy_requests_total", "Client requests answered.",
-                                     ("route", "method", "status"))
-        self.request_seconds = self.histogram("sge_proxy_request_duration_seconds",
-                                              "Time from request head to last response byte.", ("route",))
-        self.upstream_seconds = self.histogram("sge_proxy_upstream_duration_seconds",
-                                               "Time from upstream request to response head.", ("upstream",))
-        self.upstream_requests = self.counter("sge_proxy_upstream_requests_total",
-                                              "Requests sent upstream.", ("upstream", "code"))
+        self.requests = self._hot(HotCounter("sge_proxy_requests", "Client requests answered.",
+                                             ("route", "method", "status")))
+        self.request_seconds = self._hot(HotHistogram(
+            "sge_proxy_request_duration_seconds", "Time from request head to last response byte.", ("route",)))
+        self.upstream_seconds = self._hot(HotHistogram(
+            "sge_proxy_upstream_duration_seconds", "Time from upstream request to response head.", ("upstream",)))
+        self.upstream_requests = self._hot(HotCounter("sge_proxy_upstream_requests",
+                                                      "Requests sent upstream.", ("upstream", "code")))
         self.upstream_errors = self.counter("sge_proxy_upstream_errors_total",
                                             "Upstream failures by kind.", ("upstream", "kind"))
         self.in_flight = self.gauge("sge_proxy_requests_in_flight", "Requests being handled.")
+        self.in_flight_value = 0  # read at scrape time: no per-request gauge updates
+        self.in_flight.set_function(lambda: self.in_flight_value)
         self.addon_errors = self.counter("sge_proxy_addon_errors_total",
                                          "Exceptions raised by addon hooks.", ("addon", "hook", "closed"))
         self.addon_reloads = self.counter("sge_proxy_addon_reloads_total",
@@ -39,8 +91,10 @@ class Metrics:
         self.connections = self.gauge("sge_proxy_upstream_connections",
                                       "Open upstream connections.", ("upstream", "state"))
         self.bytes = self.counter("sge_proxy_bytes_total", "Body bytes moved.", ("direction",))
-        self._req_children: dict[tuple[str, str, int], Any] = {}
-        self._dur_children: dict[str, Any] = {}
+
+    def _hot(self, family: Any) -> Any:
+        self.registry.register(family)
+        return family
 
     # get-or-create, so that addons re-created on reload do not register twice
     def counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
@@ -65,18 +119,11 @@ class Metrics:
         return m
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        """Hot path: label children cached by tuple."""
-        key = (route, method, status)
-        child = self._req_children.get(key)
-        if child is None:
-            if method not in _METHODS:
-                method = "OTHER"
-            child = self._req_children[key] = self.requests.labels(route, method, str(status))
-        child.inc()
-        dur = self._dur_children.get(route)
-        if dur is None:
-            dur = self._dur_children[route] = self.request_seconds.labels(route)
-        dur.observe(seconds)
+        if method not in _METHODS:
+            method = "OTHER"
+        self.requests.inc((route, method, _STATUS.get(status) or str(status)))
+        self.request_seconds.observe((route,), seconds)
 
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_STATUS = {n: str(n) for n in range(100, 600)}

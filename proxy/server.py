@@ -7,6 +7,7 @@ ways with back-pressure unless an addon asks for them buffered.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import time
@@ -35,6 +36,14 @@ _BODY_HIGH = 256 << 10
 _BODY_LOW = 64 << 10
 _NO_BODY_STATUS = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_NEVER = float("inf")
+_RID_PREFIX = os.urandom(6).hex()  # per process, so ids stay unique across workers
+_rid_counter = itertools.count(1)
+
+
+def new_request_id() -> str:
+    """24 hex characters: a random per-process prefix and a counter (cheaper than urandom per request)."""
+    return f"{_RID_PREFIX}{next(_rid_counter):012x}"
 
 
 class RequestBody:
@@ -136,7 +145,7 @@ class HttpProtocol(asyncio.Protocol):
         self._drain: asyncio.Future | None = None
         self._reading_paused = False
         self._upstream: UpstreamConnection | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self.deadline = _NEVER
         self._must_close = False
         self._busy = False
 
@@ -160,19 +169,17 @@ class HttpProtocol(asyncio.Protocol):
         if d is not None and not d.done():
             d.set_result(None)
 
+    # Idle and header-read deadlines are checked by the engine's sweeper (Engine._sweep) instead
+    # of a timer per request: setting one is a float store.
     def _arm(self, seconds: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self.loop.call_later(seconds, self._on_timeout)
+        self.deadline = self.loop.time() + seconds
 
     def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.deadline = _NEVER
 
-    def _on_timeout(self) -> None:
-        self._timer = None
-        if not self._busy and self.transport is not None:
+    def expire(self, now: float) -> None:
+        """Close the connection if it is idle (or stuck in its request head) past its deadline."""
+        if not self._busy and now >= self.deadline and self.transport is not None:
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
@@ -193,7 +200,7 @@ class HttpProtocol(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.close()
             return
-        rid = os.urandom(12).hex()
+        rid = new_request_id()
         status, headers, body = to_response(err, rid)
         headers += [("X-Request-ID", rid), ("Content-Length", str(len(body))), ("Connection", "close")]
         self.transport.write(response_head(status, "", headers) + body)
@@ -276,8 +283,8 @@ class HttpProtocol(asyncio.Protocol):
             body = self._parsing = RequestBody(self, expect)
         keep_alive = parser.should_keep_alive()
         rid = headers.get("X-Request-ID")
-        if not valid_request_id(rid):
-            rid = os.urandom(12).hex()
+        if rid is None or not valid_request_id(rid):
+            rid = new_request_id()
         flow = Flow(req, id=rid, client_addr=self.peer)  # type: ignore[arg-type]
         flow.route = route_class(req.path, self.engine.jmap_path)
         if self._busy:
@@ -318,8 +325,8 @@ class HttpProtocol(asyncio.Protocol):
 
     async def _cycle(self, flow: Flow, body: RequestBody | None, keep_alive: bool) -> None:
         eng = self.engine
-        eng.metrics.in_flight.inc()
         eng.in_flight += 1
+        eng.metrics.in_flight_value = eng.in_flight
         status = 0
         up: UpstreamResponse | None = None
         head_sent = False
@@ -358,7 +365,7 @@ class HttpProtocol(asyncio.Protocol):
             flow.error = flow.error or e
         finally:
             eng.in_flight -= 1
-            eng.metrics.in_flight.dec()
+            eng.metrics.in_flight_value = eng.in_flight
             elapsed = time.perf_counter() - flow.started
             eng.metrics.observe_request(flow.route, flow.request.method, status, elapsed)
             eng.log_access(flow, status, elapsed)
@@ -438,7 +445,7 @@ class HttpProtocol(asyncio.Protocol):
         finally:
             flow.upstream_ms = (time.perf_counter() - t0) * 1000
         self._upstream = up.conn
-        eng.metrics.upstream_requests.labels(target.name, str(up.status)).inc()
+        eng.metrics.upstream_requests.inc((target.name, str(up.status)))
         return up
 
     async def _body_frames(self, flow: Flow, body: RequestBody, *, chunked: bool) -> AsyncIterator[bytes]:

@@ -542,7 +542,7 @@ class UpstreamPool:
             except BaseException:
                 conn.abort()
                 raise
-            self.metrics.upstream_seconds.labels(target.name).observe(time.perf_counter() - t0)
+            self.metrics.upstream_seconds.observe((target.name,), time.perf_counter() - t0)
             return resp
         raise AssertionError("unreachable")
 
