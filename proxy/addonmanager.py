@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .config import Config
     from .flow import Flow, Response
     from .metrics import Metrics
+    from .secrets import SecretSource
     from .target import Target
 
 __all__ = ["AddonManager", "Loader", "AddonSpec", "resolve_spec", "addon_name", "is_security"]
@@ -68,6 +69,13 @@ class Loader:
         if self._manager.fetcher is None:
             raise RuntimeError("no upstream client attached")
         return await self._manager.fetcher(target, method, path, headers=headers, body=body, cap=cap)
+
+    @property
+    def secrets(self) -> "SecretSource":
+        """The engine's SecretSource (files or Vault): `await loader.secrets.get(path, key)`."""
+        if self._manager.secrets is None:
+            raise RuntimeError("no secret source attached")
+        return self._manager.secrets
 
     def addon(self, name: str) -> Any | None:
         """Another addon of the chain by name (look it up when used: the chain may reload)."""
@@ -147,8 +155,10 @@ class AddonManager:
         self.config = config
         self.metrics = metrics
         self.fetcher: Fetch | None = None
+        self.secrets: SecretSource | None = None  # assigned by the engine, like fetcher
         self._items: list[Any | _FileAddon] = []
         self._dispatch: dict[str, list[_Entry]] = {h: [] for h in FLOW_HOOKS}
+        self._present: frozenset[str] = frozenset()
         self._tasks: dict[asyncio.Task, Any] = {}
         self._http: Any = None
         self._watch_task: asyncio.Task | None = None
@@ -226,10 +236,11 @@ class AddonManager:
                 if fn is not None:
                     table[h].append((addon_name(a), fn, inspect.iscoroutinefunction(fn), is_security(a)))
         self._dispatch = table
+        self._present = frozenset(h for h, entries in table.items() if entries)
 
     # ------------------------------------------------------------------ dispatch (hot path)
     def has(self, hook: str) -> bool:
-        return bool(self._dispatch[hook])
+        return hook in self._present
 
     async def run(self, hook: str, flow: "Flow") -> None:
         """Run a flow hook along the chain. Stops when an addon sets flow.response in a request

@@ -52,8 +52,9 @@ async def _healthz(request: web.Request) -> web.Response:
 async def _readyz(request: web.Request) -> web.Response:
     eng = request.app[ENGINE_KEY]
     ready, checks = eng.readiness()
-    return web.json_response({"status": "ready" if ready else "not ready", "checks": checks},
-                             status=200 if ready else 503)
+    degraded = eng.degraded()
+    return web.json_response({"status": "ready" if ready else "not ready", "degraded": bool(degraded),
+                              "checks": checks}, status=200 if ready else 503)
 
 
 async def _upstreams(request: web.Request) -> web.Response:

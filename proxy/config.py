@@ -17,7 +17,8 @@ from .errors import ConfigError
 from .options import build
 from .target import Target, parse_target
 
-__all__ = ["Config", "StalwartOptions", "TLSOptions", "LimitOptions", "load_config", "parse_listen",
+__all__ = ["Config", "StalwartOptions", "TLSOptions", "LimitOptions", "VaultOptions", "SecretsOptions",
+           "CertificateOptions", "load_config", "parse_listen",
            "ENV_MAP", "DEFAULT_STALWART_URL"]
 
 DEFAULT_STALWART_URL = "https://stalwart.skygenesisenterprise.com"
@@ -101,6 +102,74 @@ class LimitOptions:
 
 
 @dataclass(frozen=True, kw_only=True)
+class VaultOptions:
+    """How to reach and log in to Vault (secrets.vault)."""
+    url: str = "http://127.0.0.1:8200"
+    namespace: str | None = None
+    mount: str = "secret"
+    kv_version: int = 2
+    auth: Literal["token", "approle", "kubernetes"] = "token"
+    token: str | None = None
+    token_file: Path | None = None
+    role_id: str | None = None
+    secret_id: str | None = None
+    secret_id_file: Path | None = None
+    approle_mount: str = "approle"
+    kubernetes_role: str | None = None
+    kubernetes_jwt_file: Path = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+    kubernetes_mount: str = "kubernetes"
+    ca_cert: Path | None = None
+    timeout: float = field(default=5.0, metadata={"kind": "duration"})
+
+    def __post_init__(self) -> None:
+        if self.kv_version not in (1, 2):
+            raise ConfigError("kv_version", f"must be 1 or 2, got {self.kv_version}")
+        if self.auth == "approle" and (not self.role_id or not (self.secret_id or self.secret_id_file)):
+            raise ConfigError("role_id", "approle auth needs role_id and secret_id (or secret_id_file)")
+        if self.auth == "kubernetes" and not self.kubernetes_role:
+            raise ConfigError("kubernetes_role", "kubernetes auth needs kubernetes_role")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecretsOptions:
+    """Where secrets come from (proxy/secrets.py, proxy/vault.py)."""
+    backend: Literal["file", "vault"] = "file"
+    file: Path | None = None
+    dir: Path | None = None
+    cache_ttl: float | None = field(default=None, metadata={"kind": "duration"})  # file 1s, vault 60s
+    negative_ttl: float = field(default=5.0, metadata={"kind": "duration"})
+    retry_interval: float = field(default=5.0, metadata={"kind": "duration"})
+    refresh_interval: float = field(default=30.0, metadata={"kind": "duration"})
+    vault: VaultOptions = field(default_factory=VaultOptions)
+
+    def __post_init__(self) -> None:
+        if self.refresh_interval <= 0:
+            raise ConfigError("refresh_interval", "must be positive")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CertificateOptions:
+    """Where the upstream client certificate comes from and how it rotates (proxy/rotation.py)."""
+    source: Literal["files", "vault-kv", "vault-pki"] = "files"
+    refresh_interval: float = field(default=30.0, metadata={"kind": "duration"})
+    path: str = "stalwart"
+    kv_keys: tuple[str, ...] = ("client_cert", "client_key", "ca_cert")
+    pki_mount: str = "pki"
+    pki_role: str | None = None
+    common_name: str = "sge-mail-proxy"
+    ttl: float = field(default=86400.0, metadata={"kind": "duration"})
+    client_ca: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.refresh_interval <= 0:
+            raise ConfigError("refresh_interval", "must be positive")
+        if len(self.kv_keys) != 3:
+            raise ConfigError("kv_keys", "three key names: certificate, private key, CA bundle")
+        if self.source == "vault-pki" and not self.pki_role:
+            raise ConfigError("pki_role", "certificates.source vault-pki needs pki_role")
+
+
+@dataclass(frozen=True, kw_only=True)
 class Config:
     listen: str = "127.0.0.1:8080"
     admin_listen: str = "127.0.0.1:9901"
@@ -108,6 +177,8 @@ class Config:
     tls: TLSOptions = field(default_factory=TLSOptions)
     stalwart: StalwartOptions = field(default_factory=StalwartOptions)
     limits: LimitOptions = field(default_factory=LimitOptions)
+    secrets: SecretsOptions = field(default_factory=SecretsOptions)
+    certificates: CertificateOptions = field(default_factory=CertificateOptions)
     chain: tuple[str, ...] | None = None
     addon_files: tuple[str, ...] = ()
     addons: dict[str, Any] = field(default_factory=dict)
@@ -124,6 +195,8 @@ class Config:
         parse_listen(self.admin_listen, "admin_listen")
         if self.tls.enabled and (self.tls.cert is None) != (self.tls.key is None):
             raise ConfigError("tls.cert", "tls.cert and tls.key go together")
+        if self.certificates.source == "vault-pki" and self.secrets.backend != "vault":
+            raise ConfigError("certificates.source", "vault-pki needs secrets.backend: vault")
         for name, section in self.addons.items():
             if section is not None and not isinstance(section, dict):
                 raise ConfigError(f"addons.{name}", "expected a mapping")
@@ -177,6 +250,11 @@ ENV_MAP: dict[str, str] = {
     "SGE_CHAIN": "chain",
     "SGE_ACCESS_LOG": "access_log",
     "SGE_LOG_LEVEL": "log_level",
+    "SGE_SECRETS_BACKEND": "secrets.backend",
+    "SGE_CERT_SOURCE": "certificates.source",
+    "VAULT_ADDR": "secrets.vault.url",
+    "VAULT_TOKEN": "secrets.vault.token",
+    "VAULT_NAMESPACE": "secrets.vault.namespace",
 }
 
 

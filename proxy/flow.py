@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from multidict import CIMultiDict
 
+from .http1 import scrub_request, scrub_response
+
 if TYPE_CHECKING:
     from .identity import Identity
     from .target import Target
@@ -16,6 +18,11 @@ if TYPE_CHECKING:
 __all__ = ["Headers", "Request", "Response", "Flow"]
 
 Headers = CIMultiDict  # case-insensitive, ordered, repeatable: CIMultiDict[str]
+RawHeaders = list  # [(lower-cased name, name, value)] as bytes, straight from the parser
+
+
+def _decode(raw: "RawHeaders") -> CIMultiDict:
+    return CIMultiDict([(n.decode("latin-1"), v.decode("latin-1")) for _, n, v in raw])
 
 
 class Request:
@@ -25,15 +32,19 @@ class Request:
     reads it (up to the cap, else 413) before the `request` hooks run.
     """
 
-    __slots__ = ("method", "target", "http_version", "headers", "body", "scheme", "host",
-                 "body_cap", "content_length", "chunked", "_stream")
+    __slots__ = ("method", "target", "http_version", "_headers", "body", "scheme", "host",
+                 "body_cap", "content_length", "chunked", "_stream", "raw", "peer", "raw_connection")
 
-    def __init__(self, method: str, target: str, headers: CIMultiDict, *, http_version: str = "1.1",
-                 body: bytes | None = None, scheme: str = "http", host: str = "") -> None:
+    def __init__(self, method: str, target: str, headers: CIMultiDict | None = None, *,
+                 http_version: str = "1.1", body: bytes | None = None, scheme: str = "http",
+                 host: str = "", raw: "RawHeaders | None" = None, peer: str = "") -> None:
         self.method = method
         self.target = target  # raw request-target: path and query, as received
         self.http_version = http_version
-        self.headers = headers
+        self._headers = headers if headers is not None or raw is not None else CIMultiDict()
+        self.raw = raw      # the parser's headers until someone reads .headers
+        self.peer = peer
+        self.raw_connection = True  # False: the parser saw no Connection header
         self.body = body
         self.scheme = scheme
         self.host = host
@@ -41,6 +52,25 @@ class Request:
         self.content_length: int | None = None
         self.chunked = False
         self._stream: Any = None
+
+    @property
+    def headers(self) -> CIMultiDict:
+        """The headers, already scrubbed (no hop-by-hop, no client Forwarded/X-Forwarded-*/
+        X-SGE-*; one X-Forwarded-For). Built from the parser's bytes on first use."""
+        h = self._headers
+        if h is None:
+            h = self._headers = _decode(self.raw)
+            scrub_request(h, self.peer, self.scheme)
+        return h
+
+    @headers.setter
+    def headers(self, value: CIMultiDict) -> None:
+        self._headers = value
+
+    @property
+    def headers_read(self) -> bool:
+        """Whether anything built .headers (else the engine forwards the parser's bytes)."""
+        return self._headers is not None
 
     @property
     def path(self) -> str:
@@ -70,13 +100,14 @@ class Request:
 class Response:
     """A response, from upstream or made by an addon (`Response.make`)."""
 
-    __slots__ = ("status", "reason", "headers", "body", "body_cap", "http_version", "_stream")
+    __slots__ = ("status", "reason", "_headers", "body", "body_cap", "http_version", "_stream", "raw")
 
     def __init__(self, status: int, headers: CIMultiDict | None = None, body: bytes | None = None,
-                 *, reason: str = "", http_version: str = "1.1") -> None:
+                 *, reason: str = "", http_version: str = "1.1", raw: "RawHeaders | None" = None) -> None:
         self.status = status
         self.reason = reason
-        self.headers = headers if headers is not None else CIMultiDict()
+        self._headers = headers if headers is not None or raw is not None else CIMultiDict()
+        self.raw = raw
         self.body = body
         self.body_cap: int | None = None
         self.http_version = http_version
@@ -90,6 +121,23 @@ class Response:
             body = body.encode()
         h: CIMultiDict = CIMultiDict(headers or ())
         return cls(status, h, body)
+
+    @property
+    def headers(self) -> CIMultiDict:
+        """The headers (from upstream: hop-by-hop and Alt-Svc already removed)."""
+        h = self._headers
+        if h is None:
+            h = self._headers = _decode(self.raw)
+            scrub_response(h)
+        return h
+
+    @headers.setter
+    def headers(self, value: CIMultiDict) -> None:
+        self._headers = value
+
+    @property
+    def headers_read(self) -> bool:
+        return self._headers is not None
 
     def want_body(self, cap: int | None = None) -> None:
         """Ask the engine to buffer the upstream body before the `response` hooks run."""

@@ -7,7 +7,8 @@ from http import HTTPStatus
 from multidict import CIMultiDict
 
 __all__ = ["HOP_BY_HOP", "scrub_request", "scrub_response", "request_head", "response_head",
-           "valid_request_id", "reason_phrase", "connection_tokens", "rewrite_location"]
+           "valid_request_id", "reason_phrase", "connection_tokens", "rewrite_location",
+           "raw_request_head", "raw_response_head"]
 
 # RFC 9110 §7.6.1 plus the classic hop-by-hop list; Proxy-* are all dropped by prefix.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
@@ -94,3 +95,63 @@ def response_head(status: int, reason: str, headers: CIMultiDict | list[tuple[st
     lines.extend(f"{k}: {v}" for k, v in items)
     lines.append("\r\n")
     return "\r\n".join(lines).encode("latin-1")
+
+
+# ---------------------------------------------------------------- the same rules on raw bytes
+# (the engine's fast path when no addon read the headers: no decoding, no dict)
+_REQUEST_DROP_B = frozenset(n.encode() for n in _REQUEST_DROP)
+_RESPONSE_DROP_B = frozenset(n.encode() for n in _RESPONSE_DROP_ALL)
+_REQUEST_PREFIXES_B = tuple(p.encode() for p in _CLIENT_SPOOFABLE_PREFIXES)
+
+
+def _raw_connection_tokens(raw: list, keep: frozenset[bytes]) -> frozenset[bytes]:
+    out = set()
+    for ln, _, v in raw:
+        if ln == b"connection":
+            for tok in v.split(b","):
+                tok = tok.strip().lower()
+                if tok and tok not in keep:
+                    out.add(tok)
+    return frozenset(out)
+
+
+_KEEP_REQUEST = frozenset({b"host", b"content-length", b"authorization"})
+_KEEP_RESPONSE = frozenset({b"content-length"})
+
+
+def raw_request_head(method: str, target: str, raw: list, own: frozenset[bytes],
+                     add: list[tuple[str, str]], has_connection: bool = True) -> bytes:
+    """scrub_request + the engine's own headers, on parser bytes: drops hop-by-hop, what
+    Connection names, client Forwarded/X-Forwarded-*/X-Real-IP/X-SGE-*/Proxy-*, and the names in
+    `own` (which `add` then sets)."""
+    drop = _REQUEST_DROP_B | own  # has_connection=False: the caller saw no Connection header
+    if has_connection:
+        drop = drop | _raw_connection_tokens(raw, _KEEP_REQUEST)
+    parts = [f"{method} {target} HTTP/1.1\r\n".encode("latin-1")]
+    prefixes = _REQUEST_PREFIXES_B
+    for ln, n, v in raw:
+        if ln in drop or ln.startswith(prefixes):
+            continue
+        parts += (n, b": ", v, b"\r\n")
+    for k, v in add:
+        parts.append(f"{k}: {v}\r\n".encode("latin-1"))
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def raw_response_head(status: int, reason: str, raw: list, add: list[tuple[str, str]],
+                      drop_extra: frozenset[bytes] = frozenset(), has_connection: bool = True) -> bytes:
+    """scrub_response on parser bytes, plus `add` (names in drop_extra are dropped first).
+    has_connection=False promises the caller saw no Connection header (skips looking)."""
+    drop = _RESPONSE_DROP_B | drop_extra
+    if has_connection:
+        drop = drop | _raw_connection_tokens(raw, _KEEP_RESPONSE)
+    parts = [f"HTTP/1.1 {status} {reason or reason_phrase(status)}\r\n".encode("latin-1")]
+    for ln, n, v in raw:
+        if ln in drop or ln.startswith(b"proxy-"):
+            continue
+        parts += (n, b": ", v, b"\r\n")
+    for k, v in add:
+        parts.append(f"{k}: {v}\r\n".encode("latin-1"))
+    parts.append(b"\r\n")
+    return b"".join(parts)

@@ -20,8 +20,8 @@ from multidict import CIMultiDict
 from .errors import (BadRequest, HeadersTooLarge, InternalError, PayloadTooLarge, ProxyError,
                      UpstreamTimeout, to_response)
 from .flow import Flow, Request, Response
-from .http1 import (reason_phrase, request_head, response_head, rewrite_location, scrub_request,
-                    scrub_response, valid_request_id)
+from .http1 import (raw_request_head, raw_response_head, reason_phrase, request_head, response_head,
+                    rewrite_location, valid_request_id)
 from .jmap import route_class
 
 if TYPE_CHECKING:
@@ -37,6 +37,12 @@ _BODY_LOW = 64 << 10
 _NO_BODY_STATUS = frozenset({204, 304})
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _NEVER = float("inf")
+_RESP_OWN = frozenset({b"x-request-id"})
+_RESP_OWN_CHUNKED = frozenset({b"x-request-id", b"content-length"})
+_ENGINE_READS = frozenset({b"host", b"content-length", b"transfer-encoding", b"expect", b"x-request-id",
+                           b"connection"})
+# what the engine sets itself on the upstream request (dropped from the client's, then added)
+_ENGINE_SETS = frozenset({b"host", b"x-request-id", b"expect", b"content-length", b"transfer-encoding"})
 _RID_PREFIX = os.urandom(6).hex()  # per process, so ids stay unique across workers
 _rid_counter = itertools.count(1)
 
@@ -244,6 +250,7 @@ class HttpProtocol(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._header_bytes = 0
+        self._h = {}
         self._arm(self.engine.config.limits.header_timeout)
 
     def on_url(self, url: bytes) -> None:
@@ -257,21 +264,26 @@ class HttpProtocol(asyncio.Protocol):
         limits = self.engine.config.limits
         if self._header_bytes > limits.max_header_bytes or len(self._headers) >= limits.max_headers:
             raise HeadersTooLarge("The request headers are too large.")
-        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        ln = name.lower()
+        self._headers.append((ln, name, value))
+        if ln in _ENGINE_READS and ln not in self._h:
+            self._h[ln] = value
 
     def on_headers_complete(self) -> None:
         if not self._busy and not self._queue:
             self._disarm()
         parser = self.parser
-        headers = CIMultiDict(self._headers)
+        h = self._h
         method = parser.get_method().decode("ascii", "replace")
         target = self._url.decode("latin-1")
-        req = Request(method, target, headers, http_version=parser.get_http_version(),
-                      scheme=self.scheme, host=headers.get("Host", ""))
-        cl = headers.get("Content-Length")
-        te = headers.get("Transfer-Encoding")
+        host = h.get(b"host")
+        req = Request(method, target, raw=self._headers, http_version=parser.get_http_version(),
+                      scheme=self.scheme, host=host.decode("latin-1") if host else "", peer=self.peer)
+        req.raw_connection = b"connection" in h
+        cl = h.get(b"content-length")
+        te = h.get(b"transfer-encoding")
         if te is not None:
-            req.chunked = "chunked" in te.lower()
+            req.chunked = b"chunked" in te.lower()
         elif cl is not None:
             try:
                 req.content_length = int(cl)
@@ -279,10 +291,11 @@ class HttpProtocol(asyncio.Protocol):
                 raise BadRequest("Invalid Content-Length.") from None
         body = None
         if req.chunked or req.content_length:
-            expect = headers.get("Expect", "").lower() == "100-continue"
+            expect = h.get(b"expect", b"").lower() == b"100-continue"
             body = self._parsing = RequestBody(self, expect)
         keep_alive = parser.should_keep_alive()
-        rid = headers.get("X-Request-ID")
+        rid_b = h.get(b"x-request-id")
+        rid = rid_b.decode("latin-1") if rid_b is not None else None
         if rid is None or not valid_request_id(rid):
             rid = new_request_id()
         flow = Flow(req, id=rid, client_addr=self.peer)  # type: ignore[arg-type]
@@ -333,7 +346,6 @@ class HttpProtocol(asyncio.Protocol):
         try:
             if not keep_alive:
                 self._must_close = True
-            scrub_request(flow.request.headers, self.peer, self.scheme)
             flow.upstream = eng.default_target
             try:
                 up = await self._run_chain(flow, body)
@@ -389,11 +401,10 @@ class HttpProtocol(asyncio.Protocol):
         up = None
         if flow.response is None:
             up = await self._forward(flow, body)
-            flow.response = Response(up.status, up.headers, None, reason=up.reason)
-            scrub_response(up.headers)
-            loc = up.headers.get("Location")
-            if loc is not None:
-                up.headers["Location"] = rewrite_location(loc, flow.upstream.origin)  # type: ignore[union-attr]
+            flow.response = Response(up.status, None, None, reason=up.reason, raw=up.raw)
+            if up.location:
+                rh = flow.response.headers
+                rh["Location"] = rewrite_location(rh["Location"], flow.upstream.origin)  # type: ignore[union-attr]
         if mgr.has("responseheaders"):
             await mgr.run("responseheaders", flow)
         resp = flow.response
@@ -412,12 +423,6 @@ class HttpProtocol(asyncio.Protocol):
         req = flow.request
         target = flow.upstream or eng.default_target
         flow.upstream = target
-        h = req.headers
-        h["Host"] = target.authority
-        h["X-Request-ID"] = flow.id
-        if req.host and "X-Forwarded-Host" not in h:
-            h["X-Forwarded-Host"] = req.host
-        h.popall("Expect", None)
         stream: AsyncIterator[bytes] | None = None
         data: bytes | None = req.body
         if data is None and body is not None:
@@ -426,19 +431,35 @@ class HttpProtocol(asyncio.Protocol):
                 data = body.take_all()
             else:
                 stream = self._body_frames(flow, body, chunked=req.content_length is None)
+        framing: list[tuple[str, str]] = []
         if data is not None:
-            h.popall("Transfer-Encoding", None)
             if data or req.method in ("POST", "PUT", "PATCH"):
-                h["Content-Length"] = str(len(data))
+                framing.append(("Content-Length", str(len(data))))
             flow.bytes_in = len(data)
         elif stream is not None:
             if req.content_length is None:
-                h.popall("Content-Length", None)
-                h["Transfer-Encoding"] = "chunked"
+                framing.append(("Transfer-Encoding", "chunked"))
             else:
-                h["Content-Length"] = str(req.content_length)
+                framing.append(("Content-Length", str(req.content_length)))
         upath = target.base_path + req.target if target.base_path else req.target
-        head = request_head(req.method, upath, h)
+        if req.headers_read:  # an addon saw (and maybe changed) the headers: serialise those
+            h = req.headers
+            h["Host"] = target.authority
+            h["X-Request-ID"] = flow.id
+            if req.host and "X-Forwarded-Host" not in h:
+                h["X-Forwarded-Host"] = req.host
+            for name in ("Expect", "Transfer-Encoding", "Content-Length"):
+                h.popall(name, None)
+            h.extend(framing)
+            head = request_head(req.method, upath, h)
+        else:  # nobody looked: forward the parser's bytes, scrubbed the same way
+            add = [("Host", target.authority), ("X-Forwarded-For", self.peer),
+                   ("X-Forwarded-Proto", self.scheme), ("X-Request-ID", flow.id)]
+            if req.host:
+                add.append(("X-Forwarded-Host", req.host))
+            add.extend(framing)
+            head = raw_request_head(req.method, upath, req.raw, _ENGINE_SETS, add,
+                                    req.raw_connection)
         t0 = time.perf_counter()
         try:
             up = await eng.pool.exchange(target, req.method, head, data, stream)
@@ -489,20 +510,32 @@ class HttpProtocol(asyncio.Protocol):
             return status
         # streaming from upstream
         conn = up.conn
-        h = self._response_headers(flow, resp)
+        if self.engine.draining:
+            self._must_close = True
         chunked = False
+        read = resp.headers_read
         if no_body:
             pass
-        elif up.content_length is not None and "Content-Length" in h:
+        elif up.content_length is not None and (not read or "Content-Length" in resp.headers):
             pass
         elif flow.request.http_version == "1.1":
-            h.popall("Content-Length", None)
-            h["Transfer-Encoding"] = "chunked"
             chunked = True
         else:
-            h["Connection"] = "close"
-            self._must_close = True
-        head = response_head(status, resp.reason, h)
+            self._must_close = True  # HTTP/1.0 client: the body ends when the connection does
+        if read:
+            h = self._response_headers(flow, resp)
+            if chunked:
+                h.popall("Content-Length", None)
+                h["Transfer-Encoding"] = "chunked"
+            head = response_head(status, resp.reason, h)
+        else:  # nobody looked: the upstream's bytes, scrubbed, plus ours
+            add = [("X-Request-ID", flow.id)]
+            if self._must_close:
+                add.append(("Connection", "close"))
+            if chunked:
+                add.append(("Transfer-Encoding", "chunked"))
+            head = raw_response_head(status, resp.reason, up.raw, add,
+                                     _RESP_OWN_CHUNKED if chunked else _RESP_OWN, up.connection)
         if no_body:
             self.write_raw(head)
             if flow.request.method == "HEAD" or conn.complete:

@@ -39,18 +39,30 @@ _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
 class UpstreamResponse:
     """A response head from upstream plus a handle on its body."""
 
-    __slots__ = ("status", "reason", "headers", "conn", "content_length", "chunked", "http_version", "pump")
+    __slots__ = ("status", "reason", "raw", "_headers", "conn", "content_length", "chunked",
+                 "http_version", "pump", "location", "connection")
 
-    def __init__(self, status: int, reason: str, headers: CIMultiDict, conn: "UpstreamConnection",
-                 content_length: int | None, chunked: bool, http_version: str) -> None:
+    def __init__(self, status: int, reason: str, raw: list, conn: "UpstreamConnection",
+                 content_length: int | None, chunked: bool, http_version: str, location: bool,
+                 connection: bool = True) -> None:
         self.status = status
         self.reason = reason
-        self.headers = headers
+        self.raw = raw  # [(lower name, name, value)] bytes
+        self._headers: CIMultiDict | None = None
+        self.location = location
+        self.connection = connection  # a Connection header was seen
         self.conn = conn
         self.content_length = content_length
         self.chunked = chunked
         self.http_version = http_version
         self.pump: asyncio.Future | None = None  # a streamed request body still being sent
+
+    @property
+    def headers(self) -> CIMultiDict:
+        """Decoded, unscrubbed (side requests read these; client responses go through Response)."""
+        if self._headers is None:
+            self._headers = CIMultiDict([(n.decode("latin-1"), v.decode("latin-1")) for _, n, v in self.raw])
+        return self._headers
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -73,7 +85,11 @@ class UpstreamConnection(asyncio.Protocol):
     def _reset(self) -> None:
         self._head_fut: asyncio.Future | None = None
         self._done_fut: asyncio.Future | None = None
-        self._headers: list[tuple[str, str]] = []
+        self._headers: list[tuple[bytes, bytes, bytes]] = []
+        self._clen: bytes | None = None
+        self._te: bytes | None = None
+        self._location = False
+        self._connection = False
         self._status = 0
         self._reason = b""
         self._head_seen = False
@@ -129,13 +145,25 @@ class UpstreamConnection(asyncio.Protocol):
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.decode("latin-1"), value.decode("latin-1")))
+        ln = name.lower()
+        self._headers.append((ln, name, value))
+        if ln == b"content-length":
+            self._clen = value
+        elif ln == b"transfer-encoding":
+            self._te = value
+        elif ln == b"location":
+            self._location = True
+        elif ln == b"connection":
+            self._connection = True
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             # interim response (100 Continue, 103): not forwarded; wait for the final one
             self._headers = []
+            self._clen = self._te = None
+            self._location = False
+            self._connection = False
             self._reason = b""
             self._status = -1
             return
@@ -235,13 +263,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self._fail(UpstreamProtocolError("The upstream closed the connection mid-response."))
 
     def _chunked_or_length(self) -> bool:
-        for k, v in self._headers:
-            lk = k.lower()
-            if lk == "content-length":
-                return True
-            if lk == "transfer-encoding" and "chunked" in v.lower():
-                return True
-        return False
+        return self._clen is not None or (self._te is not None and b"chunked" in self._te.lower())
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -289,13 +311,11 @@ class UpstreamConnection(asyncio.Protocol):
     async def head(self) -> UpstreamResponse:
         assert self._head_fut is not None
         await self._head_fut
-        headers = CIMultiDict(self._headers)
-        cl = headers.get("Content-Length")
-        te = headers.get("Transfer-Encoding", "")
-        v = self.parser.get_http_version()
-        return UpstreamResponse(self._status, self._reason.decode("latin-1", "replace").strip(), headers, self,
-                                int(cl) if cl is not None and cl.isdigit() else None,
-                                "chunked" in te.lower(), v)
+        cl, te = self._clen, self._te
+        return UpstreamResponse(self._status, self._reason.decode("latin-1", "replace").strip(), self._headers,
+                                self, int(cl) if cl is not None and cl.isdigit() else None,
+                                te is not None and b"chunked" in te.lower(), self.parser.get_http_version(),
+                                self._location, self._connection)
 
     @property
     def complete(self) -> bool:
@@ -451,7 +471,7 @@ class UpstreamPool:
         key = conn.target.key
         if conn.reusable and not self._closed and (conn.generation == self.tls.generation or not conn.target.tls):
             conn.last_used = time.monotonic()
-            conn._reset()
+            conn._head_fut = None  # idle: a close now is not a failed exchange
             self._idle.setdefault(key, []).append(conn)
             self._wake(key)
             self._ensure_reaper()

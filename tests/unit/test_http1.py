@@ -68,3 +68,52 @@ def test_request_and_response_heads():
 def test_rewrite_location(loc, out):
     from proxy.http1 import rewrite_location
     assert rewrite_location(loc, "https://up.example:8443") == out
+
+
+def _raw(pairs):
+    return [(n.lower().encode(), n.encode(), v.encode()) for n, v in pairs]
+
+
+REQUEST_CASES = [
+    [("Host", "a"), ("Authorization", "Basic x"), ("Accept", "*/*")],
+    [("Host", "a"), ("Connection", "keep-alive, X-A"), ("X-A", "1"), ("Keep-Alive", "5"), ("TE", "trailers")],
+    [("X-SGE-User-ID", "bob"), ("Forwarded", "for=1"), ("X-Forwarded-For", "6.6.6.6"), ("X-Real-IP", "1"),
+     ("Proxy-Authorization", "x"), ("Cookie", "c=1"), ("X-Request-ID", "old-id-123456")],
+    [("Connection", "Authorization, Content-Length"), ("Authorization", "keep"), ("Expect", "100-continue")],
+]
+
+
+@pytest.mark.parametrize("pairs", REQUEST_CASES)
+def test_raw_request_head_matches_the_scrubbed_headers(pairs):
+    """The engine's two ways to serialise a request upstream give the same header multiset."""
+    from proxy.http1 import raw_request_head
+    h = CIMultiDict(pairs)
+    scrub_request(h, "10.1.1.1", "https")
+    for name in ("Expect", "Transfer-Encoding", "Content-Length", "X-Request-ID", "Host"):
+        h.popall(name, None)
+    own = [("Host", "up:443"), ("X-Request-ID", "rid-00000001")]
+    h.extend(own)
+    via_dict = request_head("GET", "/x", h)
+    via_raw = raw_request_head("GET", "/x", _raw(pairs),
+                               frozenset({b"host", b"x-request-id", b"expect", b"content-length",
+                                          b"transfer-encoding"}),
+                               [("X-Forwarded-For", "10.1.1.1"), ("X-Forwarded-Proto", "https"), *own])
+
+    def lines(b):
+        return sorted(b.split(b"\r\n"))
+    assert lines(via_raw) == lines(via_dict)
+
+
+@pytest.mark.parametrize("pairs", [
+    [("Content-Type", "a"), ("Server", "x"), ("Content-Length", "3")],
+    [("Upgrade", "h2c"), ("Connection", "Upgrade, X-P"), ("X-P", "1"), ("Alt-Svc", 'h2c=":1"'), ("ETag", "e")],
+    [("Keep-Alive", "timeout=5"), ("Transfer-Encoding", "chunked"), ("Proxy-Foo", "1"), ("Set-Cookie", "a=1")],
+])
+def test_raw_response_head_matches_the_scrubbed_headers(pairs):
+    from proxy.http1 import raw_response_head
+    h = CIMultiDict(pairs)
+    scrub_response(h)
+    h["X-Request-ID"] = "rid"
+    via_dict = response_head(200, "OK", h)
+    via_raw = raw_response_head(200, "OK", _raw(pairs), [("X-Request-ID", "rid")], frozenset({b"x-request-id"}))
+    assert sorted(via_raw.split(b"\r\n")) == sorted(via_dict.split(b"\r\n"))
