@@ -11,19 +11,24 @@ BUILTIN: dict[str, str] = {
     "path_allowlist": "addons.path_allowlist:PathAllowlist",
     "auth": "addons.auth:Auth",
     "policy": "addons.policy:Policy",
+    "resolver": "addons.resolver:Resolver",
     "jmap_guard": "addons.jmap_guard:JmapGuard",
+    "rest_facade": "addons.rest_facade:RestFacade",
     "upstream_identity": "addons.upstream_identity:UpstreamIdentity",
     "header_signer": "addons.header_signer:HeaderSigner",
     "response_filter": "addons.response_filter:ResponseFilter",
 }
 
-# DESIGN.md's order: limits -> auth -> policy -> (resolver) -> JMAP guard -> upstream identity ->
-# header signer -> [forward] -> response filter
+# DESIGN.md's order: limits -> auth -> policy -> resolver -> JMAP guard -> upstream identity ->
+# header signer -> [forward] -> response filter. The resolver sets flow.upstream, which the JMAP
+# guard fetches the user's session from: it must come first.
 DEFAULT_CHAIN: tuple[str, ...] = (
     "path_allowlist",
     "auth",
     "policy",
+    "resolver",
     "jmap_guard",
+    "rest_facade",
     "upstream_identity",
     "header_signer",
     "response_filter",

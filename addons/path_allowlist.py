@@ -104,7 +104,7 @@ class PathRules:
 @dataclass(frozen=True, kw_only=True)
 class PathAllowlistOptions:
     """[addons.path_allowlist]"""
-    extra_paths: tuple[str, ...] = ()
+    extra_paths: tuple[str, ...] = ("/api/v1/mail/**", "/api/v1/openapi.json")  # the REST facade answers these
     scanner_patterns: tuple[str, ...] = STALWART_SCAN_PATHS
 
     def __post_init__(self) -> None:

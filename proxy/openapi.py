@@ -232,7 +232,8 @@ _PATHS: dict[str, Any] = {
         },
         "delete": {
             "operationId": "deleteMessage", "summary": "Move to Trash, or destroy with permanent=true.",
-            "parameters": [_q("permanent", {"type": "boolean", "default": False}, "Destroy instead of moving to Trash.")],
+            "parameters": [_q("permanent", {"type": "boolean", "default": False},
+                              "Destroy instead of moving to Trash.")],
             "responses": {**_ok(204, "Deleted.", None), **_problems(400, 404, 409)},
         },
     },

@@ -30,7 +30,8 @@ __all__ = [
     "message_result", "Patch", "parse_patch", "update_request", "update_result", "delete_request",
     "delete_result", "Address", "Attachment", "Draft", "parse_draft", "choose_identity",
     "send_request", "send_result", "quota_request", "quota_result", "parse_json_object",
-    "check_id", "parse_bool", "parse_delete_query", "attachments_request", "expand", "url_path", "content_disposition", "safe_media_type",
+    "check_id", "parse_bool", "parse_delete_query", "attachments_request", "expand", "url_path",
+    "content_disposition", "safe_media_type",
     "attachment_of", "summary", "FacadeCache", "SORTABLE", "SUMMARY_PROPERTIES", "WRITE_METHODS",
 ]
 
@@ -355,7 +356,10 @@ class Responses:
         """The arguments of `name`'s answer to `call_id`; a method error raises its mapped error."""
         for n, a in self.all(call_id):
             if n == "error":
-                raise jmap_error(a.get("type"), a.get("description"))
+                args = a.get("arguments")
+                ok = isinstance(args, list) and all(isinstance(x, str) for x in args)
+                extra = {"arguments": args} if ok else None
+                raise jmap_error(a.get("type"), a.get("description"), extra=extra)
             if n == name:
                 return a
         raise BadGateway(f"The mail server did not answer {name}.")
@@ -715,14 +719,19 @@ def update_result(responses: Responses, email_id: str) -> dict[str, Any]:
 
 
 def delete_request(account: str, email_id: str, trash_id: str | None) -> dict[str, Any]:
-    """Move to Trash (trash_id) or, with trash_id None, destroy."""
+    """Move to Trash (trash_id) or, with trash_id None, destroy. A destroy is preceded by an
+    Email/get of the id in the same request: Cyrus answers `destroyed` for an unknown id."""
     if trash_id is None:
-        return _request([CORE, MAIL], ["Email/set", {"accountId": account, "destroy": [email_id]}, "d"])
+        return _request([CORE, MAIL],
+                        ["Email/get", {"accountId": account, "ids": [email_id], "properties": ["id"]}, "e"],
+                        ["Email/set", {"accountId": account, "destroy": [email_id]}, "d"])
     return _request([CORE, MAIL], ["Email/set", {"accountId": account,
                                                  "update": {email_id: {"mailboxIds": {trash_id: True}}}}, "d"])
 
 
 def delete_result(responses: Responses, email_id: str, permanent: bool) -> None:
+    if permanent:
+        _email(responses, "e", email_id)
     args = responses.get("d", "Email/set")
     failed = (args.get("notDestroyed" if permanent else "notUpdated") or {}).get(email_id)
     if failed is not None:

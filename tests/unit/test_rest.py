@@ -1,0 +1,625 @@
+"""proxy.rest (the REST facade's pure logic) as tables: routing, validation, JMAP request building,
+the JMAP error -> HTTP table, answer shaping, the cache; then the addon's own answers (routing
+errors, OpenAPI, body caps) through a real AddonManager."""
+from __future__ import annotations
+
+import orjson
+import pytest
+from multidict import CIMultiDict
+
+from addons.rest_facade import RestFacade
+from proxy import rest
+from proxy.addonmanager import AddonManager
+from proxy.config import load_config
+from proxy.errors import (BadGateway, BadRequest, Forbidden, InternalError, NotFound, PayloadTooLarge,
+                          ProxyError, TooManyRequests, Unauthorized, to_response)
+from proxy.flow import Flow, Request
+from proxy.identity import Identity
+from proxy.metrics import Metrics
+from proxy.openapi import document
+from proxy.rest import (Address, Attachment, Draft, ListQuery, Mailbox, Patch, Responses)
+
+ACCT = "a"
+BOXES = (
+    Mailbox("i1", "Inbox", "inbox", None, 3, 1),
+    Mailbox("d1", "Drafts", "drafts", None, 0, 0),
+    Mailbox("s1", "Sent", "sent", None, 0, 0),
+    Mailbox("t1", "Trash", "trash", None, 0, 0),
+    Mailbox("w1", "Work", None, None, 0, 0),
+    Mailbox("w2", "work", None, "w1", 0, 0),
+    Mailbox("p1", "Projects", None, None, 0, 0),
+    Mailbox("x1", "d1", None, None, 0, 0),  # a mailbox named like another's id: the name wins
+)
+
+
+def answer(*items: list) -> Responses:
+    return rest.api_responses(200, {}, orjson.dumps({"methodResponses": list(items), "sessionState": "0"}))
+
+
+def problem_of(exc: ProxyError) -> dict:
+    return orjson.loads(to_response(exc, "r1")[2])
+
+
+# ---------------------------------------------------------------------------- routing
+@pytest.mark.parametrize("method, path, endpoint, params", [
+    ("GET", "/api/v1/mail/mailboxes", "list_mailboxes", ()),
+    ("GET", "/api/v1/mail/messages", "list_messages", ()),
+    ("POST", "/api/v1/mail/messages", "send_message", ()),
+    ("GET", "/api/v1/mail/messages/M1", "get_message", ("M1",)),
+    ("PATCH", "/api/v1/mail/messages/M1", "update_message", ("M1",)),
+    ("DELETE", "/api/v1/mail/messages/M-1_x", "delete_message", ("M-1_x",)),
+    ("GET", "/api/v1/mail/messages/M1/attachments/G2", "download_attachment", ("M1", "G2")),
+    ("POST", "/api/v1/mail/attachments", "upload_attachment", ()),
+    ("GET", "/api/v1/mail/quota", "get_quota", ()),
+    ("GET", "/api/v1/openapi.json", "openapi", ()),
+])
+def test_route(method, path, endpoint, params):
+    assert rest.route(method, path) == rest.Route(endpoint, params)
+
+
+@pytest.mark.parametrize("method, path, error, allow", [
+    ("GET", "/api/v1/mail", NotFound, None),
+    ("GET", "/api/v1/mail/", NotFound, None),
+    ("GET", "/api/v1/mail/messages/", BadRequest, None),          # an empty id
+    ("GET", "/api/v1/mail/messages/M1/attachments", NotFound, None),
+    ("GET", "/api/v1/mail/nothing", NotFound, None),
+    ("GET", "/api/v1/mail/messages/a.b", BadRequest, None),
+    ("GET", "/api/v1/mail/messages/a%20b", BadRequest, None),
+    ("GET", "/api/v1/mail/messages/" + "x" * 256, BadRequest, None),
+    ("GET", "/api/v1/mail/messages/M1/attachments/G%2F1", BadRequest, None),
+    ("PUT", "/api/v1/mail/messages/M1", rest.MethodNotAllowed, "GET, PATCH, DELETE"),
+    ("DELETE", "/api/v1/mail/mailboxes", rest.MethodNotAllowed, "GET"),
+    ("GET", "/api/v1/mail/attachments", rest.MethodNotAllowed, "POST"),
+    ("POST", "/api/v1/openapi.json", rest.MethodNotAllowed, "GET, HEAD"),
+])
+def test_route_refusals(method, path, error, allow):
+    with pytest.raises(error) as e:
+        rest.route(method, path)
+    assert type(e.value) is error
+    assert e.value.headers.get("Allow") == allow
+
+
+@pytest.mark.parametrize("path, facade", [
+    ("/api/v1/mail", True), ("/api/v1/mail/x", True), ("/api/v1/openapi.json", True),
+    ("/api/v1/mailx", False), ("/api/v1/other", False), ("/jmap/", False),
+])
+def test_is_facade_path(path, facade):
+    assert rest.is_facade_path(path) is facade
+
+
+# ---------------------------------------------------------------------------- list query validation
+@pytest.mark.parametrize("query, expected", [
+    ("", ListQuery()),
+    ("mailbox=INBOX&limit=10&position=20", ListQuery(mailbox="INBOX", limit=10, position=20)),
+    ("sort=subject,-size", ListQuery(sort=(("subject", True), ("size", False)))),
+    ("sort=-receivedAt", ListQuery(sort=(("receivedAt", False),))),
+    ("q=hello+world&unread=true&from=bob", ListQuery(text="hello world", unread=True, sender="bob")),
+    ("unread=0&q=", ListQuery(unread=False)),
+    ("after=2025-01-31&before=2025-02-01T10:00:00%2B01:00",
+     ListQuery(after="2025-01-31T00:00:00Z", before="2025-02-01T09:00:00Z")),
+    ("after=2025-01-31T08:00:00Z", ListQuery(after="2025-01-31T08:00:00Z")),
+    ("limit=500", ListQuery(limit=500)),
+])
+def test_parse_list_query(query, expected):
+    assert rest.parse_list_query(query, 500) == expected
+
+
+@pytest.mark.parametrize("query, fragment", [
+    ("limit=501", "limit must be between 1 and 500"),
+    ("limit=0", "limit must be between 1 and 500"),
+    ("limit=-1", "limit must be a whole number"),
+    ("limit=ten", "limit must be a whole number"),
+    ("position=99999999999999", "position must be"),
+    ("sort=bogus", "Cannot sort by 'bogus'"),
+    ("sort=receivedAt:desc", "Cannot sort by"),
+    ("sort=size,-size", "at most 3 different"),
+    ("sort=size,from,to,subject", "at most 3 different"),
+    ("sort=", "Cannot sort by ''"),
+    ("unread=maybe", "unread must be true or false"),
+    ("after=yesterday", "after must be an RFC 3339"),
+    ("before=2025-13-01", "before must be an RFC 3339"),
+    ("q=a%00b", "q contains control characters"),
+    ("q=" + "x" * 1025, "q is longer than 1024"),
+    ("mailbox=", "mailbox must not be empty"),
+    ("limt=5", "Unknown query parameter 'limt'"),
+    ("limit=5&limit=6", "more than once"),
+])
+def test_parse_list_query_refusals(query, fragment):
+    with pytest.raises(BadRequest) as e:
+        rest.parse_list_query(query, 500)
+    assert fragment in e.value.detail
+
+
+def test_messages_request_uses_one_request_with_a_back_reference():
+    q = ListQuery(limit=5, position=10, sort=(("size", True),), text="t", unread=True, sender="bob",
+                  after="2025-01-01T00:00:00Z", before="2025-02-01T00:00:00Z")
+    doc = rest.messages_request(ACCT, "i1", q)
+    assert doc["using"] == ["urn:ietf:params:jmap:core", "urn:ietf:params:jmap:mail"]
+    (qn, qa, qid), (gn, ga, gid) = doc["methodCalls"]
+    assert (qn, qid, gn, gid) == ("Email/query", "q", "Email/get", "g")
+    assert qa == {"accountId": ACCT, "filter": {"inMailbox": "i1", "text": "t", "from": "bob",
+                                                "after": "2025-01-01T00:00:00Z", "before": "2025-02-01T00:00:00Z",
+                                                "notKeyword": "$seen"},
+                  "sort": [{"property": "size", "isAscending": True}], "position": 10, "limit": 5,
+                  "calculateTotal": True}
+    assert ga["#ids"] == {"resultOf": "q", "name": "Email/query", "path": "/ids"}
+    assert "ids" not in ga and ga["accountId"] == ACCT
+    assert rest.messages_request(ACCT, "i1", ListQuery(unread=False))["methodCalls"][0][1]["filter"] == \
+        {"inMailbox": "i1", "hasKeyword": "$seen"}
+
+
+# ---------------------------------------------------------------------------- mailboxes
+@pytest.mark.parametrize("ref, expected", [
+    ("INBOX", "i1"), ("inbox", "i1"), ("Trash", "t1"), ("trash", "t1"),
+    ("Work", "w1"), ("work", "w2"),              # exact name first
+    ("PROJECTS", "p1"),                          # case-insensitive name when unambiguous
+    ("d1", "x1"),                                # a name wins over an id
+    ("s1", "s1"), ("w2", "w2"),                  # ids
+])
+def test_resolve_mailbox(ref, expected):
+    assert rest.resolve_mailbox(BOXES, ref).id == expected
+
+
+@pytest.mark.parametrize("ref", ["WORK", "nope", "archive", "", "a\x01"])
+def test_resolve_mailbox_unknown(ref):
+    with pytest.raises(BadRequest):
+        rest.resolve_mailbox(BOXES, ref)
+
+
+def test_parse_mailboxes_keeps_only_the_facade_properties():
+    r = answer(["Mailbox/get", {"accountId": ACCT, "list": [
+        {"id": "i1", "name": "Inbox", "role": "INBOX", "parentId": None, "totalEmails": 2, "unreadEmails": 1,
+         "myRights": {}},
+        {"id": "x", "name": None, "totalEmails": -1, "unreadEmails": True},
+        {"name": "no id"}]}, "m"])
+    assert rest.parse_mailboxes(r) == (Mailbox("i1", "Inbox", "inbox", None, 2, 1), Mailbox("x", "", None, None, 0, 0))
+    assert rest.mailboxes_request(ACCT)["methodCalls"] == [
+        ["Mailbox/get", {"accountId": ACCT, "ids": None,
+                         "properties": ["id", "name", "role", "parentId", "totalEmails", "unreadEmails"]}, "m"]]
+
+
+# ---------------------------------------------------------------------------- changes
+@pytest.mark.parametrize("doc, expected", [
+    ({"seen": True}, Patch(seen=True)),
+    ({"flagged": False, "mailbox": "Archive"}, Patch(flagged=False, mailbox="Archive")),
+])
+def test_parse_patch(doc, expected):
+    assert rest.parse_patch(doc) == expected
+
+
+@pytest.mark.parametrize("doc, fragment", [
+    ({}, "Nothing to change"),
+    ({"seen": "yes"}, "seen must be true or false"),
+    ({"read": True}, "Unknown PATCH body member 'read'"),
+    ({"mailbox": ""}, "mailbox must not be empty"),
+    ({"mailbox": 3}, "mailbox must be a string"),
+])
+def test_parse_patch_refusals(doc, fragment):
+    with pytest.raises(BadRequest) as e:
+        rest.parse_patch(doc)
+    assert fragment in e.value.detail
+
+
+@pytest.mark.parametrize("patch, mailbox, change", [
+    (Patch(seen=True), None, {"keywords/$seen": True}),
+    (Patch(seen=False, flagged=True), None, {"keywords/$seen": None, "keywords/$flagged": True}),
+    (Patch(mailbox="Archive"), "ar", {"mailboxIds": {"ar": True}}),
+])
+def test_update_request(patch, mailbox, change):
+    calls = rest.update_request(ACCT, "M1", patch, mailbox)["methodCalls"]
+    assert calls[0] == ["Email/set", {"accountId": ACCT, "update": {"M1": change}}, "u"]
+    assert calls[1][0] == "Email/get" and calls[1][1]["ids"] == ["M1"]
+
+
+@pytest.mark.parametrize("trash, call", [
+    ("t1", ["Email/set", {"accountId": ACCT, "update": {"M1": {"mailboxIds": {"t1": True}}}}, "d"]),
+    (None, ["Email/set", {"accountId": ACCT, "destroy": ["M1"]}, "d"]),
+])
+def test_delete_request(trash, call):
+    calls = rest.delete_request(ACCT, "M1", trash)["methodCalls"]
+    assert calls[-1] == call
+    if trash is None:  # the id is read first: Cyrus reports destroying an unknown id as done
+        assert calls[0] == ["Email/get", {"accountId": ACCT, "ids": ["M1"], "properties": ["id"]}, "e"]
+
+
+@pytest.mark.parametrize("query, permanent", [("", False), ("permanent=true", True), ("permanent=false", False)])
+def test_parse_delete_query(query, permanent):
+    assert rest.parse_delete_query(query) is permanent
+
+
+@pytest.mark.parametrize("args, permanent, found, error", [
+    ({"updated": {"M1": None}}, False, True, None),
+    ({"destroyed": ["M1"]}, True, True, None),
+    ({"destroyed": ["M1"]}, True, False, NotFound),
+    ({"notUpdated": {"M1": {"type": "notFound"}}}, False, True, NotFound),
+    ({"notDestroyed": {"M1": {"type": "forbidden"}}}, True, True, Forbidden),
+    ({}, False, True, BadGateway),
+])
+def test_delete_result(args, permanent, found, error):
+    r = answer(["Email/get", {"list": [{"id": "M1"}] if found else [], "notFound": [] if found else ["M1"]}, "e"],
+               ["Email/set", args, "d"])
+    if error is None:
+        rest.delete_result(r, "M1", permanent)
+    else:
+        with pytest.raises(error):
+            rest.delete_result(r, "M1", permanent)
+
+
+# ---------------------------------------------------------------------------- sending
+def test_parse_draft():
+    d = rest.parse_draft({"to": ["bob@example.com", {"name": "Carol", "email": "carol@example.com"}],
+                          "cc": "dave@example.com", "bcc": [{"email": "bob@example.com"}], "subject": "Hi",
+                          "text": "t", "attachments": [{"blobId": "G1", "type": "Image/PNG", "name": "a.png"}],
+                          "from": "alice@example.com"})
+    assert d == Draft(to=(Address("bob@example.com"), Address("carol@example.com", "Carol")),
+                      cc=(Address("dave@example.com"),), bcc=(Address("bob@example.com"),), subject="Hi",
+                      text="t", attachments=(Attachment("G1", "image/png", "a.png"),), sender="alice@example.com")
+    assert d.recipients == ["bob@example.com", "carol@example.com", "dave@example.com"]
+    assert rest.parse_draft({"send": False}) == Draft(send=False)
+
+
+@pytest.mark.parametrize("doc, fragment", [
+    ({"subject": "no one"}, "needs at least one recipient"),
+    ({"to": ["not-an-address"]}, "to[0] is not an email address"),
+    ({"to": ["a@b\r\nBcc: x@y"]}, "to[0] is not an email address"),
+    ({"to": [{"email": "a@b", "nick": "x"}]}, "Unknown to[0] member 'nick'"),
+    ({"to": 5}, "to must be a list"),
+    ({"to": ["a@b"], "subject": "x\r\nBcc: y@z"}, "subject contains control characters"),
+    ({"to": ["a@b"], "text": 5}, "text must be a string"),
+    ({"to": ["a@b"], "attachments": [{"blobId": "../x"}]}, "attachments[0].blobId is not valid"),
+    ({"to": ["a@b"], "attachments": [{"blobId": "G1", "type": "text"}]}, "not a media type"),
+    ({"to": ["a@b"], "send": "yes"}, "send must be true or false"),
+    ({"to": ["a@b"], "from": "me"}, "from is not an email address"),
+    ({"to": ["a@b"], "priority": 1}, "Unknown message member 'priority'"),
+    ({"to": [f"u{i}@example.com" for i in range(101)]}, "at most 100 recipients"),
+])
+def test_parse_draft_refusals(doc, fragment):
+    with pytest.raises(BadRequest) as e:
+        rest.parse_draft(doc)
+    assert fragment in e.value.detail
+
+
+IDENTITIES = [{"id": "i-a", "email": "Alice@Example.com", "name": "Alice"},
+              {"id": "i-w", "email": "*@example.org", "name": ""}]
+
+
+@pytest.mark.parametrize("wanted, expected", [
+    ("alice@example.com", {"id": "i-a", "email": "Alice@Example.com", "name": "Alice"}),
+    ("sales@example.org", {"id": "i-w", "email": "sales@example.org", "name": ""}),
+])
+def test_choose_identity(wanted, expected):
+    assert rest.choose_identity(IDENTITIES, wanted) == expected
+
+
+@pytest.mark.parametrize("wanted", ["bob@example.com", "alice@example.org.evil"])
+def test_choose_identity_refuses_other_addresses(wanted):
+    with pytest.raises(Forbidden) as e:
+        rest.choose_identity(IDENTITIES, wanted)
+    assert e.value.extra["jmapType"] == "forbiddenFrom"
+
+
+def test_send_request_creates_in_drafts_and_submits_with_an_envelope():
+    d = Draft(to=(Address("bob@example.com", "Bob"),), bcc=(Address("eve@example.com"),), subject="S",
+              text="hello", html="<p>hello</p>", attachments=(Attachment("G1", "text/plain", "a.txt"),))
+    doc = rest.send_request(ACCT, {"id": "i-a", "email": "alice@example.com", "name": "Alice"}, d, "d1", "s1")
+    assert doc["using"] == ["urn:ietf:params:jmap:core", "urn:ietf:params:jmap:mail",
+                            "urn:ietf:params:jmap:submission"]
+    (cn, ca, cid), (sn, sa, sid) = doc["methodCalls"]
+    email = ca["create"]["draft"]
+    assert (cn, cid, sn, sid) == ("Email/set", "c", "EmailSubmission/set", "s")
+    assert email["mailboxIds"] == {"d1": True} and email["keywords"] == {"$draft": True, "$seen": True}
+    assert email["from"] == [{"name": "Alice", "email": "alice@example.com"}]
+    assert email["to"] == [{"name": "Bob", "email": "bob@example.com"}]
+    assert "bcc" not in email  # Bcc recipients only in the envelope
+    assert email["bodyValues"] == {"t": {"value": "hello"}, "h": {"value": "<p>hello</p>"}}
+    assert email["textBody"] == [{"partId": "t", "type": "text/plain"}]
+    assert email["htmlBody"] == [{"partId": "h", "type": "text/html"}]
+    assert email["attachments"] == [{"blobId": "G1", "type": "text/plain", "name": "a.txt",
+                                     "disposition": "attachment"}]
+    assert sa["create"]["send"] == {"identityId": "i-a", "emailId": "#draft", "envelope": {
+        "mailFrom": {"email": "alice@example.com"},
+        "rcptTo": [{"email": "bob@example.com"}, {"email": "eve@example.com"}]}}
+    assert sa["onSuccessUpdateEmail"] == {"#send": {"keywords/$draft": None, "mailboxIds": {"s1": True}}}
+
+
+def test_send_request_draft_only():
+    doc = rest.send_request(ACCT, {"id": "i", "email": "a@b"}, Draft(send=False), "d1", None)
+    assert [c[0] for c in doc["methodCalls"]] == ["Email/set"]
+    assert doc["methodCalls"][0][1]["create"]["draft"]["textBody"] == [{"partId": "t", "type": "text/plain"}]
+
+
+@pytest.mark.parametrize("items, send, expected, error", [
+    ([["Email/set", {"created": {"draft": {"id": "M9"}}}, "c"],
+      ["EmailSubmission/set", {"created": {"send": {"id": "S1"}}}, "s"],
+      ["Email/set", {"updated": {"M9": None}}, "s"]], True,
+     {"id": "M9", "sent": True, "submissionId": "S1", "mailbox": "sent"}, None),
+    ([["Email/set", {"created": {"draft": {"id": "M9"}}}, "c"]], False,
+     {"id": "M9", "sent": False, "submissionId": None, "mailbox": "drafts"}, None),
+    ([["Email/set", {"notCreated": {"draft": {"type": "invalidProperties", "properties": ["attachments"]}}}, "c"]],
+     True, None, (BadRequest, "invalidProperties")),
+    ([["Email/set", {"created": {"draft": {"id": "M9"}}}, "c"],
+      ["EmailSubmission/set", {"notCreated": {"send": {"type": "forbiddenFrom"}}}, "s"]], True, None,
+     (Forbidden, "forbiddenFrom")),
+    ([["Email/set", {"created": {"draft": {"id": "M9"}}}, "c"],
+      ["error", {"type": "unknownMethod"}, "s"]], True, None, (rest.NotImplementedHere, "unknownMethod")),
+])
+def test_send_result(items, send, expected, error):
+    r = answer(*items)
+    draft = Draft(to=(Address("b@c"),), send=send)
+    if error is None:
+        assert rest.send_result(r, draft) == expected
+    else:
+        with pytest.raises(error[0]) as e:
+            rest.send_result(r, draft)
+        assert e.value.extra["jmapType"] == error[1]
+        if error[1] == "forbiddenFrom":
+            assert e.value.extra["draftId"] == "M9"
+
+
+# ---------------------------------------------------------------------------- error mapping
+@pytest.mark.parametrize("jmap_type, status, retry_after", [
+    ("notFound", 404, None), ("forbidden", 403, None), ("overQuota", 429, None),
+    ("serverFail", 500, None), ("serverPartialFail", 500, None), ("serverUnavailable", 503, "60"),
+    ("invalidArguments", 400, None), ("invalidProperties", 400, None), ("stateMismatch", 409, None),
+    ("requestTooLarge", 413, None), ("tooLarge", 413, None), ("rateLimit", 429, "60"),
+    ("accountNotFound", 404, None), ("unknownMethod", 501, None), ("unsupportedSort", 400, None),
+    ("unsupportedFilter", 400, None), ("accountReadOnly", 403, None), ("mailboxHasEmail", 409, None),
+    ("blobNotFound", 400, None), ("forbiddenFrom", 403, None), ("invalidResultReference", 500, None),
+    ("somethingNew", 502, None), (None, 502, None),
+])
+def test_error_table(jmap_type, status, retry_after):
+    e = rest.jmap_error(jmap_type, "the server's words")
+    assert e.status == status
+    assert e.headers.get("Retry-After") == retry_after
+    body = problem_of(e)
+    assert body["status"] == status
+    assert body["jmapType"] == (jmap_type or "unknown")
+    # the server's description reaches the client for client errors only
+    assert (body["detail"] == "the server's words") is (status < 500)
+
+
+def test_method_error_inside_200_is_mapped():
+    r = answer(["error", {"type": "stateMismatch"}, "q"],
+               ["error", {"type": "invalidArguments", "arguments": ["filter"], "description": "bad filter"}, "x"])
+    with pytest.raises(rest.Conflict) as e:
+        r.get("q", "Email/query")
+    assert e.value.extra == {"jmapType": "stateMismatch"}
+    with pytest.raises(BadRequest) as e:
+        r.get("x", "Email/query")
+    assert (e.value.detail, e.value.extra) == ("bad filter", {"jmapType": "invalidArguments", "arguments": ["filter"]})
+
+
+@pytest.mark.parametrize("status, headers, body, cls, code, extra", [
+    (400, {"Content-Type": "application/problem+json"},
+     b'{"type":"urn:ietf:params:jmap:error:limit","status":400,"title":"Limit","detail":"too many",'
+     b'"limit":"maxCallsInRequest"}',
+     rest.UpstreamProblem, 400, {"jmapType": "urn:ietf:params:jmap:error:limit", "limit": "maxCallsInRequest"}),
+    (429, {"Content-Type": "application/problem+json", "Retry-After": "7"},
+     b'{"type":"about:blank","status":429,"title":"Too Many Requests","detail":"slow down"}',
+     rest.UpstreamProblem, 429, {}),
+    (403, {"Content-Type": "application/problem+json"},
+     b'{"type":"about:blank","status":403,"title":"Forbidden","detail":"Quota exceeded"}',
+     rest.UpstreamProblem, 403, {}),
+    (401, {"Content-Type": "application/problem+json"}, b'{"type":"about:blank","status":401}', BadGateway, 502, {}),
+    (503, {"Retry-After": "3"}, b"down", rest.Unavailable, 503, {}),
+    (413, {}, b"", PayloadTooLarge, 413, {}),
+    (429, {}, b"", TooManyRequests, 429, {}),
+    (500, {"Content-Type": "text/html"}, b"<h1>oops</h1>", BadGateway, 502, {}),
+    (302, {}, b"", BadGateway, 502, {}),
+])
+def test_request_level_errors(status, headers, body, cls, code, extra):
+    with pytest.raises(cls) as e:
+        rest.api_responses(status, headers, body)
+    assert e.value.status == code
+    for k, v in extra.items():
+        assert e.value.extra[k] == v
+    if code in (429, 503) and "Retry-After" in headers:
+        assert e.value.headers["Retry-After"] == headers["Retry-After"]
+    assert problem_of(e.value)["status"] == code
+
+
+@pytest.mark.parametrize("body", [b"not json", b"[]", b'{"methodResponses": 5}'])
+def test_unusable_jmap_answers(body):
+    with pytest.raises(BadGateway):
+        rest.api_responses(200, {}, body)
+
+
+# ---------------------------------------------------------------------------- shaping
+EMAIL = {
+    "id": "M1", "threadId": "T1", "mailboxIds": {"i1": True, "x": False}, "keywords": {"$Seen": True, "$flagged": True},
+    "from": [{"name": "Bob", "email": "bob@example.com"}], "to": [{"email": "alice@example.com"}],
+    "subject": "Hello", "receivedAt": "2025-01-01T00:00:00Z", "sentAt": "2025-01-01T01:00:00+01:00",
+    "size": 1234, "preview": "hi", "hasAttachment": True, "cc": None,
+    "headers": [{"name": "Subject", "value": " Hello"}],
+    "bodyValues": {"1": {"value": "plain"}, "2": {"value": "<b>html</b>"}},
+    "textBody": [{"partId": "1", "type": "text/plain"}],
+    "htmlBody": [{"partId": "2", "type": "text/html"}],
+    "attachments": [{"partId": "3", "blobId": "G1", "name": "a.pdf", "type": "application/pdf", "size": 10,
+                     "disposition": "attachment", "cid": None}],
+}
+
+
+def test_message_result():
+    m = rest.message_result(answer(["Email/get", {"list": [EMAIL], "notFound": []}, "e"]), "M1")
+    assert m["mailboxIds"] == ["i1"] and m["seen"] and m["flagged"] and not m["draft"]
+    assert m["keywords"] == ["$flagged", "$seen"]
+    assert m["to"] == [{"name": None, "email": "alice@example.com"}]
+    assert m["headers"] == [{"name": "Subject", "value": "Hello"}]
+    assert (m["text"], m["html"]) == ("plain", "<b>html</b>")
+    assert m["attachments"] == [{"blobId": "G1", "name": "a.pdf", "type": "application/pdf", "size": 10,
+                                 "disposition": "attachment", "cid": None,
+                                 "url": "/api/v1/mail/messages/M1/attachments/G1"}]
+
+
+def test_message_without_html_has_html_null():
+    e = {**EMAIL, "htmlBody": [{"partId": "1", "type": "text/plain"}]}
+    assert rest.message_result(answer(["Email/get", {"list": [e]}, "e"]), "M1")["html"] is None
+
+
+def test_unknown_message_is_404():
+    with pytest.raises(NotFound) as e:
+        rest.message_result(answer(["Email/get", {"list": [], "notFound": ["M1"]}, "e"]), "M1")
+    assert e.value.extra["jmapType"] == "notFound"
+
+
+def test_list_result_keeps_query_order():
+    r = answer(["Email/query", {"ids": ["M2", "M1"], "total": 7, "position": 5}, "q"],
+               ["Email/get", {"list": [{**EMAIL, "id": "M1"}, {**EMAIL, "id": "M2"}]}, "g"])
+    out = rest.list_result(r)
+    assert (out["total"], out["position"]) == (7, 5)
+    assert [m["id"] for m in out["messages"]] == ["M2", "M1"]
+
+
+def test_attachment_of():
+    r = answer(["Email/get", {"list": [EMAIL]}, "e"])
+    assert rest.attachment_of(r, "M1", "G1")["name"] == "a.pdf"
+    with pytest.raises(NotFound):
+        rest.attachment_of(r, "M1", "G2")
+
+
+def test_quota_result():
+    r = answer(["Quota/get", {"list": [{"id": "q1", "resourceType": "octets", "scope": "account", "used": 5,
+                                        "hardLimit": 10, "name": "mail", "types": ["Mail"]}]}, "q"])
+    assert rest.quota_result(r) == {"quotas": [{"id": "q1", "name": "mail", "resourceType": "octets",
+                                                "scope": "account", "used": 5, "hardLimit": 10, "warnLimit": None,
+                                                "softLimit": None, "types": ["Mail"]}]}
+
+
+# ---------------------------------------------------------------------------- URLs and headers
+@pytest.mark.parametrize("template, values, path", [
+    ("/jmap/upload/{accountId}/", {"accountId": "alice@example.com"}, "/jmap/upload/alice%40example.com/"),
+    ("https://mail.example.com/jmap/download/{accountId}/{blobId}/{name}?accept={type}",
+     {"accountId": "a", "blobId": "G1", "name": "../x y.pdf", "type": "application/pdf"},
+     "/jmap/download/a/G1/..%2Fx%20y.pdf?accept=application%2Fpdf"),
+    ("https://mail.example.com/jmap/", {}, "/jmap/"),
+    ("/jmap/", {}, "/jmap/"),
+])
+def test_expand_and_url_path(template, values, path):
+    assert rest.url_path(rest.expand(template, **values)) == path
+
+
+@pytest.mark.parametrize("name, header", [
+    (None, "attachment"),
+    ("report.pdf", "attachment; filename=\"report.pdf\"; filename*=UTF-8''report.pdf"),
+    ('a"b;c\\d.txt', "attachment; filename=\"a_b_c_d.txt\"; filename*=UTF-8''a%22b%3Bc%5Cd.txt"),
+    ("résumé.txt", "attachment; filename=\"r_sum_.txt\"; filename*=UTF-8''r%C3%A9sum%C3%A9.txt"),
+    ("x\r\ny", "attachment; filename=\"x__y\"; filename*=UTF-8''x%0D%0Ay"),
+])
+def test_content_disposition(name, header):
+    assert rest.content_disposition(name) == header
+
+
+@pytest.mark.parametrize("value, media", [
+    ("image/PNG", "image/png"), ("text/html; charset=x", "application/octet-stream"),
+    (None, "application/octet-stream"),
+    ("text", "application/octet-stream"), ("a/b\r\nX: y", "application/octet-stream"),
+])
+def test_safe_media_type(value, media):
+    assert rest.safe_media_type(value) == media
+
+
+# ---------------------------------------------------------------------------- the cache
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_cache_ttl_lru_and_invalidation():
+    clock = Clock()
+    c = rest.FacadeCache(2, 10, clock)
+    c.put("a", 1, c.begin())
+    c.put("b", 2, c.begin())
+    assert c.get("a") == 1
+    c.put("c", 3, c.begin())      # b was least recently used
+    assert (c.get("b"), c.get("c")) == (None, 3)
+    clock.now = 10
+    assert c.get("a") is None     # expired
+    c.put("a", 1, c.begin())
+    c.invalidate("a")
+    assert c.get("a") is None
+
+
+def test_cache_fill_started_before_an_invalidation_is_dropped():
+    c = rest.FacadeCache(10, 10, Clock())
+    begun = c.begin()             # a read goes upstream ...
+    c.invalidate("k")             # ... a write lands meanwhile
+    assert c.put("k", "stale", begun) is False
+    assert c.get("k") is None
+    assert c.put("k", "fresh", c.begin()) is True
+    assert c.get("k") == "fresh"
+
+
+# ---------------------------------------------------------------------------- the OpenAPI document
+def test_openapi_document_names_every_route():
+    doc = document("http://127.0.0.1:8080/")
+    assert doc["openapi"] == "3.1.0" and doc["servers"] == [{"url": "http://127.0.0.1:8080"}]
+    documented = {(m.upper(), p) for p, item in doc["paths"].items() for m in item if m != "parameters"}
+    routed = set()
+    for pattern, methods in rest.ROUTES:
+        path = rest.PREFIX + "/" + "/".join(pattern)
+        path = path.replace("{}", "{id}", 1).replace("{}", "{blobId}", 1)
+        routed |= {(m, path) for m in methods}
+    routed.add(("GET", rest.OPENAPI_PATH))
+    assert documented == routed
+
+
+# ---------------------------------------------------------------------------- the addon's own answers
+@pytest.fixture
+async def facade():
+    config = load_config(None, env={}, overrides={"chain": [], "listen": "127.0.0.1:8080",
+                                                 "addons.rest_facade": {"max_json_body": "1KiB"}})
+    mgr = AddonManager(config, Metrics())
+    addon = RestFacade()
+    await mgr.add(addon)
+    yield mgr
+    await mgr.done()
+
+
+def make_flow(method: str, target: str, *, who: str | None = "alice@example.com", length: int | None = None) -> Flow:
+    f = Flow(Request(method, target, CIMultiDict()), id="r1")
+    f.request.content_length = length
+    if who is not None:
+        f.identity = Identity(subject=who, email=who)
+    return f
+
+
+async def run(mgr: AddonManager, flow: Flow) -> None:
+    await mgr.run("requestheaders", flow)
+    await mgr.run("request", flow)
+
+
+async def test_openapi_is_served_without_upstream(facade):
+    flow = make_flow("GET", "/api/v1/openapi.json", who=None)
+    await run(facade, flow)
+    assert flow.response.status == 200
+    assert flow.response.headers["Content-Type"] == "application/json"
+    assert orjson.loads(flow.response.body)["servers"] == [{"url": "http://127.0.0.1:8080"}]
+
+
+@pytest.mark.parametrize("method, target, who, error", [
+    ("GET", "/api/v1/mail/nothing", "alice@example.com", NotFound),
+    ("PUT", "/api/v1/mail/mailboxes", "alice@example.com", rest.MethodNotAllowed),
+    ("GET", "/api/v1/mail/mailboxes", None, Unauthorized),
+    ("GET", "/api/v1/mail/messages/a.b", "alice@example.com", BadRequest),
+    ("GET", "/api/v1/mail/mailboxes", "alice@example.com", InternalError),  # no jmap_guard in the chain
+])
+async def test_refused_before_any_upstream_call(facade, method, target, who, error):
+    flow = make_flow(method, target, who=who)
+    with pytest.raises(error):
+        await run(facade, flow)
+    assert flow.response is None
+
+
+async def test_json_bodies_are_capped(facade):
+    flow = make_flow("POST", "/api/v1/mail/messages", length=2048)
+    with pytest.raises(PayloadTooLarge):
+        await facade.run("requestheaders", flow)
+    small = make_flow("PATCH", "/api/v1/mail/messages/M1", length=10)
+    await facade.run("requestheaders", small)
+    assert small.request.body_cap == 1024
+    other = make_flow("POST", "/jmap/", length=10)
+    await facade.run("requestheaders", other)
+    assert other.request.body_cap is None
