@@ -5,7 +5,7 @@ Addons read and change these objects; server.py and upstream.py move the bytes.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from multidict import CIMultiDict
 
@@ -165,7 +165,7 @@ class Flow:
 
     __slots__ = ("id", "request", "response", "upstream", "identity", "error", "metadata",
                  "client_addr", "started", "route", "upstream_ms", "bytes_in", "bytes_out",
-                 "client_token", "__weakref__")
+                 "client_token", "_finalizers", "__weakref__")
 
     def __init__(self, request: Request, *, id: str, client_addr: str = "",
                  upstream: "Target | None" = None) -> None:
@@ -183,6 +183,25 @@ class Flow:
         self.bytes_in = 0
         self.bytes_out = 0
         self.client_token: str | None = None
+        self._finalizers: list | None = None
+
+    def on_done(self, callback: "Callable[[Flow], None]") -> None:
+        """Call `callback(flow)` once the exchange is completely over: the last response byte
+        written, or the failure answered, or the client gone (release per-request resources
+        here, e.g. a concurrency slot). Callbacks run in registration order; errors are logged."""
+        if self._finalizers is None:
+            self._finalizers = []
+        self._finalizers.append(callback)
+
+    def finish(self) -> None:
+        """Engine only: run the on_done callbacks (once)."""
+        callbacks, self._finalizers = self._finalizers, None
+        for cb in callbacks or ():
+            try:
+                cb(self)
+            except Exception:  # a finalizer must never break the connection's next request
+                import logging
+                logging.getLogger(__name__).exception("on_done callback failed for %s", self.id)
 
     def __repr__(self) -> str:
         return f"<Flow {self.id} {self.request.method} {self.request.target}>"

@@ -381,6 +381,8 @@ class HttpProtocol(asyncio.Protocol):
             elapsed = time.perf_counter() - flow.started
             eng.metrics.observe_request(flow.route, flow.request.method, status, elapsed)
             eng.log_access(flow, status, elapsed)
+            if flow._finalizers is not None:
+                flow.finish()
             self._upstream = None
             self._next()
 

@@ -190,3 +190,14 @@ async def test_file_addon_that_fails_at_start_is_a_config_error(mgr, tmp_path):
     from proxy.addonmanager import AddonSpec
     with pytest.raises(ConfigError, match="bad.py failed to load: RuntimeError: nope"):
         await mgr.add_spec(AddonSpec("file", str(f)))
+
+
+def test_flow_on_done_callbacks_run_once_in_order_and_survive_errors():
+    flow = make_flow()
+    seen = []
+    flow.on_done(lambda f: seen.append(("a", f.id)))
+    flow.on_done(lambda f: 1 / 0)
+    flow.on_done(lambda f: seen.append(("c", f.id)))
+    flow.finish()
+    flow.finish()
+    assert seen == [("a", "req-00000001"), ("c", "req-00000001")]
