@@ -258,6 +258,12 @@ ENV_MAP: dict[str, str] = {
 }
 
 
+# file paths: relative ones from the environment or the command line are relative to the working
+# directory; relative ones in the config file are relative to the file
+_PATH_KEYS = frozenset({"stalwart.client_cert", "stalwart.client_key", "stalwart.ca_cert", "tls.cert",
+                        "tls.key"})
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
@@ -318,10 +324,14 @@ def load_config(path: str | Path | None = None, *, env: Mapping[str, str] | None
             value: Any = env[var]
             if dotted == "chain":
                 value = [v.strip() for v in value.split(",") if v.strip()]
+            elif dotted in _PATH_KEYS and value:
+                value = os.path.abspath(value)  # relative to where the command runs, not the file
             _set_dotted(layered, dotted, value)
     for dotted, value in (overrides or {}).items():
         if value is not None:
             origin[dotted] = "command line"
+            if dotted in _PATH_KEYS and isinstance(value, str) and value:
+                value = os.path.abspath(value)
             _set_dotted(layered, dotted, value)
     tree = _merge(tree, layered)
     for k in ("source", "base_dir"):

@@ -81,3 +81,14 @@ def test_units():
     c = load_config(None, env={}, overrides={"limits.max_header_bytes": "32KiB",
                                              "stalwart.request_timeout": "1500ms"})
     assert c.limits.max_header_bytes == 32768 and c.stalwart.response_timeout == 1.5
+
+
+def test_relative_paths_from_env_are_relative_to_cwd_and_from_file_to_the_file(tmp_path, monkeypatch):
+    d = tmp_path / "conf"
+    d.mkdir()
+    f = d / "c.yaml"
+    f.write_text("stalwart: {ca_cert: in-file/ca.crt}\n")
+    monkeypatch.chdir(tmp_path)
+    c = load_config(f, env={"STALWART_CLIENT_CERT": "env/c.crt", "STALWART_CLIENT_KEY": "env/c.key"})
+    assert c.resolve(c.stalwart.client_cert) == tmp_path / "env" / "c.crt"
+    assert c.resolve(c.stalwart.ca_cert) == d / "in-file" / "ca.crt"
