@@ -10,9 +10,10 @@ double-encoded specials are refused outright.
 """
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
+from fnmatch import translate
 from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
@@ -56,6 +57,12 @@ def compile_glob(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out) + tail + r"\Z")
 
 
+@functools.lru_cache(maxsize=16)
+def _scanner_regex(patterns: tuple[str, ...]) -> "re.Pattern[str]":
+    """All scanner globs as one compiled alternation (fnmatchcase semantics)."""
+    return re.compile("|".join(f"(?:{translate(p)})" for p in patterns) or r"(?!)")
+
+
 @dataclass(frozen=True, slots=True)
 class PathRules:
     """What is allowed. Built once from the options; `refusal(path)` is pure."""
@@ -88,7 +95,8 @@ class PathRules:
         if "//" in decoded:
             return "empty_segment"
         low = decoded.lower()
-        if any(fnmatchcase(low, p) or fnmatchcase(raw_low, p) for p in self.scanner):
+        scan = _scanner_regex(self.scanner)
+        if scan.match(low) or scan.match(raw_low):
             return "scanner"
         if self.allowed(decoded):
             return None

@@ -8,6 +8,7 @@ request can ride a login left on a pooled upstream connection (Cyrus keeps one).
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import time
@@ -54,6 +55,7 @@ def hs256_jwt(mac: "hmac.HMAC", sub: str, iat: int) -> str:
     return f"{signing_input}.{_b64url(h.digest())}"
 
 
+@functools.lru_cache(maxsize=4096)  # logins repeat; only passing checks are remembered
 def _check_login(login: str, mode: str) -> None:
     """Refuse logins that cannot be passed on unambiguously (Forbidden: fail closed)."""
     if not login:

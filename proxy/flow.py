@@ -32,14 +32,14 @@ class Request:
     reads it (up to the cap, else 413) before the `request` hooks run.
     """
 
-    __slots__ = ("method", "target", "http_version", "_headers", "body", "scheme", "host",
+    __slots__ = ("method", "_target", "_path", "http_version", "_headers", "body", "scheme", "host",
                  "body_cap", "content_length", "chunked", "_stream", "raw", "peer", "raw_connection")
 
     def __init__(self, method: str, target: str, headers: CIMultiDict | None = None, *,
                  http_version: str = "1.1", body: bytes | None = None, scheme: str = "http",
                  host: str = "", raw: "RawHeaders | None" = None, peer: str = "") -> None:
         self.method = method
-        self.target = target  # raw request-target: path and query, as received
+        self.target = target  # raw request-target: path and query, as received (sets .path)
         self.http_version = http_version
         self._headers = headers if headers is not None or raw is not None else CIMultiDict()
         self.raw = raw      # the parser's headers until someone reads .headers
@@ -73,10 +73,19 @@ class Request:
         return self._headers is not None
 
     @property
+    def target(self) -> str:
+        return self._target
+
+    @target.setter
+    def target(self, value: str) -> None:
+        self._target = value
+        i = value.find("?")
+        self._path = value if i < 0 else value[:i]
+
+    @property
     def path(self) -> str:
         """The path without the query."""
-        i = self.target.find("?")
-        return self.target if i < 0 else self.target[:i]
+        return self._path
 
     @property
     def query(self) -> str:

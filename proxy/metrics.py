@@ -7,7 +7,7 @@ from typing import Any, Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
-__all__ = ["Metrics", "LATENCY_BUCKETS", "HotCounter", "HotHistogram"]
+__all__ = ["Metrics", "LATENCY_BUCKETS", "HotCounter", "HotHistogram", "FastCounter"]
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -17,7 +17,7 @@ class HotCounter:
     are only touched from its event loop thread), exposed through a custom collector."""
 
     def __init__(self, name: str, doc: str, labels: tuple[str, ...]) -> None:
-        self.name, self.doc, self.labels = name, doc, labels
+        self.name, self.doc, self.label_names = name, doc, labels
         self.values: dict[tuple[str, ...], float] = {}
 
     def inc(self, key: tuple[str, ...], amount: float = 1.0) -> None:
@@ -25,10 +25,61 @@ class HotCounter:
         v[key] = v.get(key, 0.0) + amount
 
     def collect(self) -> Iterable[Any]:
-        fam = CounterMetricFamily(self.name, self.doc, labels=self.labels)
+        fam = CounterMetricFamily(self.name, self.doc, labels=self.label_names)
         for key, value in list(self.values.items()):
             fam.add_metric(list(key), value)
         yield fam
+
+
+class _Child:
+    __slots__ = ("_values", "_key")
+
+    def __init__(self, values: dict, key: tuple[str, ...]) -> None:
+        self._values, self._key = values, key
+
+    def inc(self, amount: float = 1.0) -> None:
+        if amount < 0:
+            raise ValueError("counters only go up")
+        v = self._values
+        v[self._key] = v.get(self._key, 0.0) + amount
+
+
+class FastCounter(HotCounter):
+    """prometheus_client's Counter API (`.labels(...).inc()`, `.inc()`) without its per-call
+    validation and lock: what addons get from Metrics.counter(). Single event-loop thread only."""
+
+    def __init__(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> None:
+        if name.endswith("_total"):
+            name = name[:-6]
+        super().__init__(name, doc, tuple(labels))
+        self._children: dict[tuple, _Child] = {}
+        if not labels:
+            self.values[()] = 0.0
+
+    def labels(self, *values: str, **kw: str) -> _Child:
+        if kw:
+            values = tuple(kw[n] for n in self.labels_names)
+        child = self._children.get(values)
+        if child is None:
+            if len(values) != len(self.labels_names):
+                raise ValueError(f"{self.name}: expected labels {self.labels_names}, got {values}")
+            key = tuple(str(v) for v in values)
+            self.values.setdefault(key, 0.0)
+            child = self._children[values] = _Child(self.values, key)
+        return child
+
+    @property
+    def labels_names(self) -> tuple[str, ...]:
+        return self.label_names
+
+    def inc(self, amount: float = 1.0, key: tuple[str, ...] = ()) -> None:  # type: ignore[override]
+        if amount < 0:
+            raise ValueError("counters only go up")
+        v = self.values
+        v[key] = v.get(key, 0.0) + amount
+
+    def get(self, *values: str) -> float:
+        return self.values.get(tuple(values), 0.0)
 
 
 class HotHistogram:
@@ -36,7 +87,7 @@ class HotHistogram:
 
     def __init__(self, name: str, doc: str, labels: tuple[str, ...],
                  buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
-        self.name, self.doc, self.labels = name, doc, labels
+        self.name, self.doc, self.label_names = name, doc, labels
         self.bounds = list(buckets)
         self.data: dict[tuple[str, ...], list] = {}
 
@@ -48,7 +99,7 @@ class HotHistogram:
         d[1] += value
 
     def collect(self) -> Iterable[Any]:
-        fam = HistogramMetricFamily(self.name, self.doc, labels=self.labels)
+        fam = HistogramMetricFamily(self.name, self.doc, labels=self.label_names)
         for key, (counts, total) in list(self.data.items()):
             acc, buckets = 0, []
             for bound, n in zip(self.bounds, counts):
@@ -97,8 +148,14 @@ class Metrics:
         return family
 
     # get-or-create, so that addons re-created on reload do not register twice
-    def counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
-        return self._get(Counter, name, doc, labels)
+    def counter(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> "FastCounter":
+        m = self._made.get(name)
+        if m is None:
+            m = self._made[name] = FastCounter(name, doc, tuple(labels))
+            self.registry.register(m)
+        elif not isinstance(m, FastCounter):
+            raise ValueError(f"metric {name} already registered as {type(m).__name__}")
+        return m
 
     def gauge(self, name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
         return self._get(Gauge, name, doc, labels)

@@ -19,6 +19,7 @@ allowed only if every subject matches at least one allow rule.
 """
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -258,6 +259,7 @@ def evaluate(policy_set: PolicySet, facts: Facts) -> Decision:
     return Decision(True, "allow", route_allow.id, route_allow.reason, None, route_allow.policy)
 
 
+@functools.lru_cache(maxsize=4096)  # client addresses repeat; parsing one is ~20 Python calls
 def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     if not text:
         return None
