@@ -27,6 +27,7 @@ from proxy.errors import ConfigError, Unauthorized
 from proxy.identity import Identity
 from proxy.jwks import JwksCache, JwksUnavailable
 from proxy.options import build
+from proxy.secrets import SecretError
 from proxy.tokens import (REASONS, SUPPORTED_ALGORITHMS, ApiKeyRecord, ApiKeySource, ApiKeyStore, AuthFailure,
                           ClaimRules, InlineKeySource, JwtPolicy, KeySet, TokenCache, VerifyKey, check_claims,
                           hash_api_key, hmac_key, identity_from_claims, parse_header, public_key, select_keys,
@@ -168,14 +169,20 @@ def _loopback(host: str) -> bool:
 
 @dataclass(frozen=True, kw_only=True)
 class ApiKeyOptions:
+    """`secret_path`: read the records from the secret source (file or Vault, see `secrets:`) at
+    this path, key `secret_key` (a YAML/JSON list, or the list itself), re-read every
+    `refresh_interval`; the last good table keeps serving when the source is down."""
     header: str = "X-API-Key"
     bearer_prefix: str = "sgek_"
     file: Path | None = None
     keys: tuple[ApiKeyRecord, ...] = ()
+    secret_path: str | None = None
+    secret_key: str = "records"
+    refresh_interval: float = field(default=60.0, metadata={"kind": "duration"})
 
     @property
     def enabled(self) -> bool:
-        return self.file is not None or bool(self.keys)
+        return self.file is not None or bool(self.keys) or self.secret_path is not None
 
     def __post_init__(self) -> None:
         if not re.match(r"^[A-Za-z0-9-]+$", self.header) or self.header.lower() == "authorization":
@@ -204,6 +211,18 @@ class AuthOptions:
 
 
 # --------------------------------------------------------------------------------------- key sources
+def _parse_records(data: Any, source: str, key: str) -> tuple[ApiKeyRecord, ...]:
+    """`keys: [...]`, or the list alone, of {sha256, subject, email, tenant, roles, region, scopes}."""
+    if isinstance(data, dict) and set(data) <= {"keys"}:
+        data = data.get("keys")
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        raise ConfigError(key, "expected a list of keys", source=source)
+    return tuple(build(ApiKeyRecord, entry, prefix=f"keys[{i}]", source=source)
+                 for i, entry in enumerate(data))
+
+
 @dataclass(frozen=True)
 class FileKeySource:
     """API key records from a YAML file: `keys: [{sha256, subject, email, tenant, roles, region,
@@ -220,14 +239,30 @@ class FileKeySource:
         except yaml.YAMLError as e:
             raise ConfigError("addons.auth.api_keys.file",
                               f"{self.path}: invalid YAML: {getattr(e, 'problem', e)}") from None
-        if isinstance(data, dict) and set(data) <= {"keys"}:
-            data = data.get("keys")
-        if data is None:
-            return ()
-        if not isinstance(data, list):
-            raise ConfigError("keys", "expected a list of keys", source=str(self.path))
-        return tuple(build(ApiKeyRecord, entry, prefix=f"keys[{i}]", source=str(self.path))
-                     for i, entry in enumerate(data))
+        return _parse_records(data, str(self.path), "keys")
+
+
+@dataclass(frozen=True)
+class SecretKeySource:
+    """API key records kept in the secret source (a file or Vault): one value holding the list."""
+    secrets: Any
+    path: str
+    key: str
+    name: str = "secrets"
+
+    async def records(self) -> Sequence[ApiKeyRecord]:
+        where = f"secret {self.path}/{self.key}"
+        try:
+            value = await self.secrets.get(self.path, self.key)
+        except SecretError as e:
+            raise ConfigError("addons.auth.api_keys.secret_path", str(e)) from None
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise ConfigError("addons.auth.api_keys.secret_path",
+                                  f"{where}: invalid YAML/JSON: {getattr(e, 'problem', e)}") from None
+        return _parse_records(value, where, "keys")
 
 
 def _read(loader: "Loader", p: Path, key: str) -> bytes:
@@ -307,6 +342,8 @@ class Auth:
                 sources.append(FileKeySource(loader.path(api_o.file)))
             if api_o.keys:
                 sources.append(InlineKeySource(api_o.keys))
+            if api_o.secret_path is not None:
+                sources.append(SecretKeySource(loader.secrets, api_o.secret_path, api_o.secret_key))
             records = [r for s in sources for r in await s.records()]
             try:
                 self._store = ApiKeyStore(records)
@@ -318,6 +355,19 @@ class Auth:
         self._public = frozenset(opts.public_paths)
         self._spawn = loader.spawn
         self._opts = opts
+        if api_o.secret_path is not None and self._store is not None:
+            loader.spawn(self._refresh_keys(sources, api_o.refresh_interval), "api-key-refresh")
+
+    async def _refresh_keys(self, sources: list, interval: float) -> None:
+        """Re-read every API key source; a failed read keeps the table that is serving."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                records = [r for s in sources for r in await s.records()]
+                assert self._store is not None
+                self._store.replace(records)
+            except (ConfigError, OSError) as e:
+                log.warning("API keys not refreshed, keeping the %d loaded: %s", len(self._store or ()), e)
 
     def running(self) -> None:
         """Fetch the JWKS in the background once the proxy listens, so the first user does not wait."""
