@@ -10,6 +10,7 @@ __all__ = ["BUILTIN", "DEFAULT_CHAIN", "default_chain"]
 BUILTIN: dict[str, str] = {
     "path_allowlist": "addons.path_allowlist:PathAllowlist",
     "auth": "addons.auth:Auth",
+    "rate_limit": "addons.rate_limit:RateLimit",
     "policy": "addons.policy:Policy",
     "resolver": "addons.resolver:Resolver",
     "jmap_guard": "addons.jmap_guard:JmapGuard",
@@ -19,12 +20,13 @@ BUILTIN: dict[str, str] = {
     "response_filter": "addons.response_filter:ResponseFilter",
 }
 
-# DESIGN.md's order: limits -> auth -> policy -> resolver -> JMAP guard -> upstream identity ->
-# header signer -> [forward] -> response filter. The resolver sets flow.upstream, which the JMAP
-# guard fetches the user's session from: it must come first.
+# DESIGN.md's order: limits -> auth -> rate limit -> policy -> resolver -> JMAP guard -> upstream
+# identity -> header signer -> [forward] -> response filter. The resolver sets flow.upstream, which
+# the JMAP guard fetches the user's session from: it must come first.
 DEFAULT_CHAIN: tuple[str, ...] = (
     "path_allowlist",
     "auth",
+    "rate_limit",
     "policy",
     "resolver",
     "jmap_guard",

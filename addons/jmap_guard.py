@@ -17,15 +17,13 @@ request is never forwarded.
 """
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
-import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Hashable
+from typing import TYPE_CHECKING, Hashable
 from urllib.parse import unquote, urljoin, urlsplit
 
+from proxy.cache import SingleFlight, TTLCache
 from proxy.errors import (BadGateway, BadRequest, ConfigError, Forbidden, InternalError, NoUpstream,
                           PayloadTooLarge, ProxyError, Unauthorized)
 from proxy.jmap import ACCOUNT_KEYS, JmapRequest, is_api_request, request_of
@@ -114,35 +112,7 @@ class SessionEntry:
     own: frozenset[str]
 
 
-class SessionCache:
-    """A TTL + LRU map. `clock` is injected so tests control time. Sans-IO."""
-
-    def __init__(self, size: int, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.size, self.ttl, self._clock = size, ttl, clock
-        self._data: OrderedDict[Hashable, tuple[float, Any]] = OrderedDict()
-
-    def get(self, key: Hashable) -> Any | None:
-        item = self._data.get(key)
-        if item is None:
-            return None
-        expires, value = item
-        if expires <= self._clock():
-            del self._data[key]
-            return None
-        self._data.move_to_end(key)
-        return value
-
-    def put(self, key: Hashable, value: Any) -> None:
-        self._data[key] = (self._clock() + self.ttl, value)
-        self._data.move_to_end(key)
-        while len(self._data) > self.size:
-            self._data.popitem(last=False)
-
-    def clear(self) -> None:
-        self._data.clear()
-
-    def __len__(self) -> int:
-        return len(self._data)
+SessionCache = TTLCache  # sessions by (subject, target key): TTL + bounded LRU, see proxy.cache
 
 
 # ---------------------------------------------------------------------------- the addon
@@ -172,14 +142,15 @@ class JmapGuard:
         self._loader: Loader | None = None
         self._opts = JmapGuardOptions()
         self._jmap_path = "/jmap"
-        self._cache = SessionCache(self._opts.session_cache_size, self._opts.session_ttl)
-        self._inflight: dict[Hashable, asyncio.Task] = {}
+        self._cache: TTLCache[Hashable, SessionEntry] = TTLCache(self._opts.session_cache_size,
+                                                                  self._opts.session_ttl)
+        self._inflight: SingleFlight[Hashable, SessionEntry] = SingleFlight("jmap_guard:session")
 
     def load(self, loader: "Loader") -> None:
         self._loader = loader
         self._opts = loader.options or JmapGuardOptions()
         self._jmap_path = loader.config.stalwart.jmap_path.rstrip("/") or "/"
-        self._cache = SessionCache(self._opts.session_cache_size, self._opts.session_ttl)
+        self._cache = TTLCache(self._opts.session_cache_size, self._opts.session_ttl)
         m = loader.metrics
         self._refusals = m.counter("sge_proxy_jmap_guard_refused_total",
                                    "JMAP requests the guard refused.", ("reason",))
@@ -189,9 +160,7 @@ class JmapGuard:
                                   "Session resources fetched upstream.", ("result",))
 
     def done(self) -> None:
-        for t in self._inflight.values():
-            t.cancel()
-        self._inflight.clear()
+        self._inflight.cancel()
         self._cache.clear()
 
     # ------------------------------------------------------------------ hooks
@@ -287,23 +256,9 @@ class JmapGuard:
         if entry is not None:
             self._lookups.labels("hit").inc()
             return entry
-        task = self._inflight.get(key)
-        if task is None:
-            self._lookups.labels("miss").inc()
-            task = asyncio.get_running_loop().create_task(
-                self._load(flow, target, key), name=f"jmap_guard:session:{target.name}")
-            self._inflight[key] = task
-            task.add_done_callback(lambda t, k=key: self._settled(k, t))
-        else:
-            self._lookups.labels("shared").inc()
-        # shield: a client that goes away must not cancel the fetch others are waiting on
-        return await asyncio.shield(task)
-
-    def _settled(self, key: Hashable, task: asyncio.Task) -> None:
-        if self._inflight.get(key) is task:
-            del self._inflight[key]
-        if not task.cancelled():
-            task.exception()  # retrieved here, so that no waiter left is not an error
+        # shared by concurrent misses; a client that goes away does not cancel the others' fetch
+        return await self._inflight.run(key, lambda: self._load(flow, target, key), label=target.name,
+                                        on_join=lambda join: self._lookups.labels(join).inc())
 
     async def _load(self, flow: "Flow", target: "Target", key: Hashable) -> SessionEntry:
         try:

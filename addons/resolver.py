@@ -20,7 +20,6 @@ stalwart.url.
 """
 from __future__ import annotations
 
-import asyncio
 import importlib
 import importlib.util
 import inspect
@@ -31,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Hashable, Literal
 
+from proxy.cache import SingleFlight
 from proxy.errors import ConfigError, ProxyError
 from proxy.routing import (MODES, REGION_PATH, TENANT_PATH, DecisionCache, InvalidRoute, Lookup, Mode,
                            NoRoute, ResidencyRefused, Route, RoutingUnavailable, UrlRules, apply_residency,
@@ -137,7 +137,7 @@ class Resolver:
         self._default_region = "us-east-1"
         self._custom: Any = None
         self._cache = DecisionCache(clock=clock)
-        self._inflight: dict[Hashable, asyncio.Task] = {}
+        self._inflight: SingleFlight[Hashable, Route] = SingleFlight("resolver")
         self._audited: set[tuple] = set()
 
     @property
@@ -196,9 +196,7 @@ class Resolver:
         self._audited.clear()
 
     def done(self) -> None:
-        for t in self._inflight.values():
-            t.cancel()
-        self._inflight.clear()
+        self._inflight.cancel()
         self._cache.clear()
 
     # ------------------------------------------------------------------ the hook
@@ -259,22 +257,9 @@ class Resolver:
             if isinstance(hit, Route):
                 return hit
             raise hit.again()
-        task = self._inflight.get(key)
-        if task is None:
-            self._lookups.labels("miss").inc()
-            task = asyncio.get_running_loop().create_task(make(), name=f"resolver:{key[0]}")
-            self._inflight[key] = task
-            task.add_done_callback(lambda t, k=key: self._settled(k, t))
-        else:
-            self._lookups.labels("shared").inc()
-        # shield: a client that goes away must not cancel a decision others wait for
-        return await asyncio.shield(task)
-
-    def _settled(self, key: Hashable, task: asyncio.Task) -> None:
-        if self._inflight.get(key) is task:
-            del self._inflight[key]
-        if not task.cancelled():
-            task.exception()  # retrieved: no waiter left is not an error
+        # shared by concurrent misses; a client that goes away does not cancel the others' decision
+        return await self._inflight.run(key, make, label=str(key[0]),
+                                        on_join=lambda join: self._lookups.labels(join).inc())
 
     async def _read(self, lookup: Lookup) -> Route:
         assert self._secrets is not None
@@ -295,17 +280,8 @@ class Resolver:
             log.error("routing %s: secret source unavailable and nothing cached: %s", lookup.target_name, e)
             raise RoutingUnavailable() from None
         default_region = lookup.name if lookup.kind == "region" else self._opts.tenant_regions.get(lookup.name)
-        try:
-            route = route_from_secret(data, lookup, self._rules, default_region=default_region)
-        except InvalidRoute as e:
-            log.error("routing %s: refusing the configured server: %s", lookup.target_name, e.reason)
-            self._cache.put(key, e)
-            raise
-        except NoRoute as e:
-            self._cache.put(key, e)
-            raise
-        self._cache.put(key, route)
-        return route
+        return self._remember(key, lambda: route_from_secret(data, lookup, self._rules, default_region=default_region),
+                              f"{lookup.target_name}: refusing the configured server")
 
     async def _ask_custom(self, ident: "Identity", operation: str) -> Route:
         try:
@@ -319,11 +295,15 @@ class Resolver:
             err = RoutingUnavailable("The mail server directory failed; try again later.")
             err.result = "error"  # type: ignore[misc]
             raise err from None
-        key = ("custom", ident.subject, operation)
+        return self._remember(("custom", ident.subject, operation), lambda: route_from_urls(answer, self._rules),
+                              "custom: refusing the resolver's server")
+
+    def _remember(self, key: Hashable, build: Callable[[], Route], refusing: str) -> Route:
+        """The route `build` makes, or its refusal (NoRoute, InvalidRoute: logged), cached either way."""
         try:
-            route = route_from_urls(answer, self._rules)
+            route = build()
         except InvalidRoute as e:
-            log.error("routing custom: refusing the resolver's server: %s", e.reason)
+            log.error("routing %s: %s", refusing, e.reason)
             self._cache.put(key, e)
             raise
         except NoRoute as e:

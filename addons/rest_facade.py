@@ -1,10 +1,17 @@
 """The REST facade: /api/v1/mail/... answered by the proxy itself from JMAP calls it makes on the
-user's behalf (docs/rest-api.md). Nothing under these paths is forwarded as such.
+user's behalf (docs/rest-api.md).
 
 Each endpoint validates its input (proxy.rest), then sends one JMAP API request (two for a send
 whose identity is not cached) upstream through the engine's mTLS pool with upstream_identity's
 credentials for the user and header_signer's side headers. The account is always the session's
 primaryAccounts["urn:ietf:params:jmap:mail"], read from the JMAP guard's cached session.
+
+The two attachment endpoints stream instead: in the `request` hook (after the policy saw the
+facade path) the flow is rewritten to the session's upload or download URL for that account and
+the engine forwards it, the body streaming both ways. upstream_identity and header_signer run
+after this addon, so they credential and sign the rewritten target; the JMAP guard's own
+upload/download check is run again on it. The upload's small JSON answer is buffered and
+reshaped; the download's body passes untouched, under the facade's headers.
 
 Caches, per (user, target): mailboxes and sending identities (5 min), quotas (1 h). A write
 through the facade (move, flag, delete, send, upload) or a raw JMAP write through the proxy
@@ -21,10 +28,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Hashable
 
 import orjson
+from multidict import CIMultiDict
 
 from addons.jmap_guard import check_request
 from proxy import rest
-from proxy.errors import (BadGateway, BadRequest, ConfigError, InternalError, NotFound,
+from proxy.errors import (BadGateway, BadRequest, ConfigError, InternalError,
                           PayloadTooLarge, ProxyError, Unauthorized)
 from proxy.flow import Response
 from proxy.jmap import JmapRequest, MethodCall, is_api_request, request_of
@@ -43,7 +51,13 @@ log = logging.getLogger(__name__)
 CACHES = ("mailbox", "identity", "quota")
 _RESULTS = ("hit", "miss", "bypass")
 _WRITE = "rest_facade.write"
+_STREAM = "rest_facade.stream"
 _JSON = "application/json"
+_ANSWER_CAP = 1 << 20  # an upload's JSON answer or a failed download's error body, buffered
+# Uploads up to this size are buffered anyway: header_signer then covers the body with its hash,
+# and the engine's forward of a body that arrived whole while reading was paused is avoided
+# (RequestBody.take_all does not resume reading: the keep-alive connection then stalls).
+_SMALL_UPLOAD = 1 << 20
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,8 +68,8 @@ class RestFacadeOptions:
       cached per user and target.
     cache_size: entries per cache (least recently used dropped first).
     max_json_body: the largest JSON request body (send, PATCH).
-    max_upload: the largest attachment upload buffered; the session's maxSizeUpload applies too.
-    max_download: the largest attachment download buffered.
+    max_upload: the largest attachment upload (streamed above 1 MiB; a chunked one, with no
+      length to check up front, is buffered up to it); the session's maxSizeUpload applies too.
     max_response: the largest JMAP answer read.
     max_body_value_bytes: truncate message bodies in GET /messages/{id} (0: whole bodies).
     """
@@ -65,14 +79,13 @@ class RestFacadeOptions:
     cache_size: int = 10_000
     max_json_body: int = field(default=10 << 20, metadata={"kind": "size"})
     max_upload: int = field(default=50_000_000, metadata={"kind": "size"})
-    max_download: int = field(default=50_000_000, metadata={"kind": "size"})
     max_response: int = field(default=20 << 20, metadata={"kind": "size"})
     max_body_value_bytes: int = field(default=0, metadata={"kind": "size"})
 
     def __post_init__(self) -> None:
         if self.cache_size < 1:
             raise ConfigError("cache_size", "must be at least 1")
-        for name in ("max_json_body", "max_upload", "max_download", "max_response"):
+        for name in ("max_json_body", "max_upload", "max_response"):
             if getattr(self, name) < 1:
                 raise ConfigError(name, "must be at least 1 byte")
         for name in ("mailbox_ttl", "identity_ttl", "quota_ttl"):
@@ -89,6 +102,16 @@ class _Ctx:
     target: "Target"
     key: Hashable
     bypass: bool
+
+
+@dataclass(slots=True)
+class _Stream:
+    """A flow rewritten to the upload or download URL (flow.metadata[_STREAM])."""
+    kind: str              # "upload" | "download"
+    ctype: str             # the blob's media type
+    name: str | None       # the attachment's name (download)
+    key: Hashable          # the user's cache key (an upload drops the cached quota)
+    size: int | None = None
 
 
 def _json(status: int, doc: Any, headers: list[tuple[str, str]] = ()) -> Response:
@@ -130,10 +153,12 @@ class RestFacade:
         req = flow.request
         if not rest.is_facade_path(req.path) or req.method not in ("POST", "PATCH", "PUT"):
             return
-        cap = self._opts.max_upload if req.path == rest.PREFIX + "/attachments" else self._opts.max_json_body
+        upload = req.path == rest.UPLOAD_PATH
+        cap = self._opts.max_upload if upload else self._opts.max_json_body
         if req.content_length is not None and req.content_length > cap:
             raise PayloadTooLarge(f"The request body is larger than {cap} bytes.")
-        req.want_body(cap)
+        if not upload or req.chunked or (req.content_length or 0) <= _SMALL_UPLOAD:
+            req.want_body(cap)  # a large upload with a length streams: never read here
 
     async def request(self, flow: "Flow") -> None:
         if rest.is_facade_path(flow.request.path):
@@ -146,7 +171,25 @@ class RestFacade:
             if req is None or any(n in rest.WRITE_METHODS for n in req.method_names):
                 flow.metadata[_WRITE] = True
 
+    def responseheaders(self, flow: "Flow") -> None:
+        s, resp = flow.metadata.get(_STREAM), flow.response
+        if s is None or resp is None:
+            return
+        if s.kind == "download" and resp.status == 200:
+            resp.headers = CIMultiDict(rest.download_headers(s.ctype, s.name, resp.headers))
+            flow.metadata.pop(_STREAM)
+        else:
+            resp.want_body(_ANSWER_CAP)
+
     def response(self, flow: "Flow") -> None:
+        s = flow.metadata.pop(_STREAM, None)
+        if s is not None and flow.response is not None:
+            resp = flow.response
+            if s.kind == "download":
+                raise rest.download_error(resp.status, resp.headers, resp.body)
+            doc = rest.upload_result(resp.status, resp.headers, resp.body, s.ctype, s.size)
+            self.invalidate(s.key, ("quota",))
+            flow.response = _json(201, doc)
         if flow.metadata.pop(_WRITE, None) and flow.identity is not None and flow.response is not None \
                 and flow.response.status < 300:
             self.invalidate(self._key(flow, self._target(flow)))
@@ -167,7 +210,7 @@ class RestFacade:
             raise Unauthorized("Authentication is required.")
         ctx = await self._ctx(flow)
         handler: Callable[..., Awaitable[Any]] = getattr(self, "_" + r.endpoint)
-        return await handler(flow, ctx, *r.params)
+        return await handler(flow, ctx, *r.params)  # None: the flow was rewritten to go upstream
 
     async def _ctx(self, flow: "Flow") -> _Ctx:
         assert self._loader is not None
@@ -345,50 +388,47 @@ class RestFacade:
         out = rest.send_result(r, draft)
         return _json(201, out, [("Location", f"{rest.PREFIX}/messages/{out['id']}")])
 
-    async def _upload_attachment(self, flow: "Flow", ctx: _Ctx) -> Any:
-        body = flow.request.body or b""
+    async def _upload_attachment(self, flow: "Flow", ctx: _Ctx) -> None:
+        req = flow.request
         limit = ctx.session.limits.max_size_upload
-        if len(body) > limit:
+        size = req.content_length if not req.chunked else (len(req.body) if req.body is not None else None)
+        if size is not None and size > limit:
             raise PayloadTooLarge(f"The attachment is larger than the mail server's {limit} bytes.",
                                   extra={"jmapType": "urn:ietf:params:jmap:error:limit", "limit": "maxSizeUpload"})
-        if not body:
+        if not size:
             raise BadRequest("The attachment is empty.")
-        raw_type = flow.request.headers.get("Content-Type", "").split(";", 1)[0].strip()
-        ctype = rest.safe_media_type(raw_type) if raw_type else "application/octet-stream"
-        if raw_type and ctype != raw_type.lower():
-            raise BadRequest("Content-Type is not a valid media type.")
+        ctype = rest.upload_type(req.headers.get("Content-Type", ""))
         path = rest.url_path(rest.expand(ctx.session.upload_url, accountId=ctx.account))
-        resp = await self._fetch(flow, ctx, "POST", path, body=body, cap=1 << 20,
-                                 headers=[("Content-Type", ctype), ("Accept", _JSON)])
-        if resp.status not in (200, 201):
-            raise rest.upstream_error(resp.status, resp.headers, resp.body)
-        try:
-            doc = orjson.loads(resp.body or b"")
-        except orjson.JSONDecodeError:
-            doc = None
-        if not isinstance(doc, dict) or not isinstance(doc.get("blobId"), str):
-            raise BadGateway("The mail server's upload answer has no blobId.")
-        self.invalidate(ctx.key, ("quota",))
-        size = doc.get("size")
-        return _json(201, {"blobId": doc["blobId"], "type": rest.safe_media_type(doc.get("type") or ctype),
-                           "size": size if isinstance(size, int) else len(body)})
+        await self._rewrite(flow, path, [("Content-Type", ctype), ("Accept", _JSON)],
+                            _Stream("upload", ctype, None, ctx.key, size))
 
-    async def _download_attachment(self, flow: "Flow", ctx: _Ctx, email_id: str, blob_id: str) -> Any:
+    async def _download_attachment(self, flow: "Flow", ctx: _Ctx, email_id: str, blob_id: str) -> None:
+        req = flow.request
+        if req.chunked or req.content_length or req.body:
+            raise BadRequest("A download takes no request body.")
         r = await self._call(flow, ctx, rest.attachments_request(ctx.account, email_id))
         att = rest.attachment_of(r, email_id, blob_id)
         ctype = rest.safe_media_type(att["type"])
         path = rest.url_path(rest.expand(ctx.session.download_url, accountId=ctx.account, blobId=blob_id,
-                                         name=att["name"] or "attachment", type=ctype))
-        resp = await self._fetch(flow, ctx, "GET", path, cap=self._opts.max_download,
-                                 headers=[("Accept", ctype)])
-        if resp.status == 404:
-            raise NotFound("The attachment's content is gone.", extra={"jmapType": "blobNotFound"})
-        if resp.status != 200:
-            raise rest.upstream_error(resp.status, resp.headers, resp.body)
-        return Response.make(200, resp.body or b"", [
-            ("Content-Type", ctype), ("Content-Disposition", rest.content_disposition(att["name"])),
-            ("X-Content-Type-Options", "nosniff"), ("Content-Security-Policy", "default-src 'none'; sandbox"),
-            ("Cache-Control", "private, no-store")])
+                                         name=rest.download_name(att["name"]), type=ctype))
+        await self._rewrite(flow, path, [("Accept", ctype), ("Accept-Encoding", "identity")],
+                            _Stream("download", ctype, att["name"], ctx.key))
+
+    async def _rewrite(self, flow: "Flow", path: str, headers: list[tuple[str, str]], stream: _Stream) -> None:
+        """Point the flow at the mail server's upload or download URL: the engine forwards it
+        (upstream_identity and header_signer, later in the chain, credential and sign it).
+
+        The path is built for ctx.account only, which _ctx checked is the user's own; the JMAP
+        guard's upload/download check, which ran on the facade path, is run again on this one."""
+        assert self._loader is not None
+        req = flow.request
+        req.headers = CIMultiDict(rest.rewritten_headers(req.headers, headers))
+        req.target = path
+        flow.metadata[_STREAM] = stream
+        guard = self._loader.addon("jmap_guard")
+        checked = guard.requestheaders(flow)
+        if inspect.isawaitable(checked):
+            await checked
 
     async def _get_quota(self, flow: "Flow", ctx: _Ctx) -> Any:
         if rest.QUOTA not in ctx.session.capabilities:

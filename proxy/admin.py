@@ -1,6 +1,7 @@
 """The admin listener: /metrics, /healthz, /readyz, /upstreams, /config. Never on the hot path."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from pathlib import Path
@@ -60,7 +61,15 @@ async def _readyz(request: web.Request) -> web.Response:
 async def _upstreams(request: web.Request) -> web.Response:
     eng = request.app[ENGINE_KEY]
     return web.json_response({"default": str(eng.default_target), "pool": eng.pool.stats(),
-                              "last_probe_ok": eng.upstream_ok})
+                              "last_probe_ok": eng.upstream_ok, "servers": eng.health.snapshot()})
+
+
+async def _reload(request: web.Request) -> web.Response:
+    """POST /reload: what SIGHUP does, answered with the outcome (422 for a bad configuration,
+    500 for an addon that failed to load otherwise; the running configuration stays)."""
+    eng = request.app[ENGINE_KEY]
+    result = await asyncio.shield(eng.reload())  # a client that hangs up does not stop it half-way
+    return web.json_response(result.to_json(), status=result.status)
 
 
 async def _config(request: web.Request) -> web.Response:
@@ -70,8 +79,12 @@ async def _config(request: web.Request) -> web.Response:
 
 
 class AdminServer:
-    def __init__(self, engine: "Engine") -> None:
+    """On admin_listen; or, for a worker under a --workers supervisor, on a private unix socket
+    the supervisor asks (its own admin listener aggregates: proxy/workers.py)."""
+
+    def __init__(self, engine: "Engine", *, unix_path: str | None = None) -> None:
         self.engine = engine
+        self.unix_path = unix_path
         app = web.Application()
         app[ENGINE_KEY] = engine
         app.router.add_get("/metrics", _metrics)
@@ -79,6 +92,7 @@ class AdminServer:
         app.router.add_get("/readyz", _readyz)
         app.router.add_get("/upstreams", _upstreams)
         app.router.add_get("/config", _config)
+        app.router.add_post("/reload", _reload)
         self.app = app
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -87,6 +101,9 @@ class AdminServer:
         host, port = self.engine.config.admin_addr
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self._runner.setup()
+        if self.unix_path is not None:
+            await web.UnixSite(self._runner, self.unix_path).start()
+            return
         site = web.TCPSite(self._runner, host, port)
         try:
             await site.start()

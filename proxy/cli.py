@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -28,12 +29,14 @@ def _run_args(p: argparse.ArgumentParser) -> None:
                    help="an addon file (repeatable); hot-reloaded when it changes")
     p.add_argument("--access-log", help="'-' (stdout), 'off', or a file")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument("--workers", type=int, help="processes sharing the listener, under a supervisor (SGE_WORKERS)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # INDEX:SOCKET, set by the supervisor for its workers
 
 
 def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
     o: dict[str, Any] = {
         "listen": ns.listen, "admin_listen": ns.admin_listen, "stalwart.url": ns.upstream,
-        "access_log": ns.access_log, "log_level": ns.log_level,
+        "access_log": ns.access_log, "log_level": ns.log_level, "workers": ns.workers,
     }
     if ns.chain is not None:
         o["chain"] = [c.strip() for c in ns.chain.split(",") if c.strip()]
@@ -49,33 +52,61 @@ def build_config(ns: argparse.Namespace):
     return load_config(ns.config, overrides=_overrides(ns), base=base)
 
 
-async def serve(config, addon_files: Sequence[str] = (), *, on_ready=None) -> int:
-    """Run until SIGTERM/SIGINT; drain; return the exit status."""
+async def serve(config, addon_files: Sequence[str] = (), *, on_ready=None, loader=None,
+                worker: tuple[int, str] | None = None) -> int:
+    """Run until SIGTERM/SIGINT; drain; return the exit status. `loader` re-reads the configuration
+    for a reload (SIGHUP, POST /reload). `worker` (index, unix socket) runs it as one of a
+    supervisor's workers: on the shared port, its admin listener on that private socket."""
     from .admin import AdminServer
     from .engine import Engine
 
-    engine = Engine(config, addon_files=tuple(addon_files))
+    engine = Engine(config, addon_files=tuple(addon_files), config_loader=loader)
+    if worker is not None:
+        engine.worker = worker[0]
     await engine.start()
-    admin = AdminServer(engine)
+    admin = AdminServer(engine, unix_path=worker[1] if worker is not None else None)
     await admin.start()
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(engine.reload()))
-    log.info("listening on %s:%d (%s), admin on %s, upstream %s, chain [%s]",
-             config.listen_addr[0], engine.port, "https" if config.tls.enabled else "http",
-             f"{config.admin_addr[0]}:{admin.port}", engine.default_target,
-             ", ".join(type(a).__name__ for a in engine.addons.addons))
+    tasks: set[asyncio.Task] = set()
+
+    def keep(coro) -> None:
+        t = loop.create_task(coro)
+        tasks.add(t)
+        t.add_done_callback(tasks.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, lambda: keep(engine.reload()))
+    proto = "https" if config.tls.enabled else "http"
+    chain = ", ".join(type(a).__name__ for a in engine.addons.addons)
+    if worker is None:
+        log.info("listening on %s:%d (%s), admin on %s, upstream %s, chain [%s]",
+                 config.listen_addr[0], engine.port, proto, f"{config.admin_addr[0]}:{admin.port}",
+                 engine.default_target, chain)
+    else:
+        log.info("worker %d (pid %d) serving on %s:%d (%s), upstream %s, chain [%s]", worker[0], os.getpid(),
+                 config.listen_addr[0], engine.port, proto, engine.default_target, chain)
+        keep(_watch_parent(os.getppid(), stop))
     if on_ready is not None:
         on_ready(engine, admin)
     await stop.wait()
     log.info("shutting down: draining %d in-flight requests (at most %.0fs)", engine.in_flight,
-             config.drain_timeout)
+             engine.config.drain_timeout)
     clean = await engine.stop()
     await admin.stop()
+    for t in list(tasks):
+        t.cancel()
     log.info("stopped%s", "" if clean else " (drain timed out)")
     return 0
+
+
+async def _watch_parent(parent: int, stop: asyncio.Event) -> None:
+    """A worker whose supervisor is gone (killed outright) drains and exits instead of serving on."""
+    while os.getppid() == parent:
+        await asyncio.sleep(1.0)
+    log.warning("the supervisor (pid %d) is gone: stopping", parent)
+    stop.set()
 
 
 def _setup_logging(level: str) -> None:
@@ -94,11 +125,21 @@ def _loop_runner():
 def cmd_run(ns: argparse.Namespace) -> int:
     cfg = build_config(ns)
     _setup_logging(cfg.log_level)
+
+    def loader():
+        return build_config(ns)
+
+    if ns.worker is not None:  # one of a supervisor's workers
+        index, _, path = ns.worker.partition(":")
+        return _loop_runner()(serve(cfg, ns.addon, loader=loader, worker=(int(index), path)))
+    if cfg.workers > 1:
+        from .workers import Supervisor
+        return _loop_runner()(Supervisor(cfg, ns.run_args, loader).run())
     on_ready = None
     if ns.dev:
         from .devconfig import print_welcome
         on_ready = print_welcome
-    return _loop_runner()(serve(cfg, ns.addon, on_ready=on_ready))
+    return _loop_runner()(serve(cfg, ns.addon, on_ready=on_ready, loader=loader))
 
 
 def cmd_check_config(ns: argparse.Namespace) -> int:
@@ -140,6 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0].startswith("-"):
         argv = ["run", *argv]
     ns = parser.parse_args(argv)
+    ns.run_args = argv[1:]  # what a --workers supervisor starts its workers with
     try:
         if ns.cmd == "check-config":
             return cmd_check_config(ns)

@@ -18,7 +18,7 @@ from .options import build
 from .target import Target, parse_target
 
 __all__ = ["Config", "StalwartOptions", "TLSOptions", "LimitOptions", "VaultOptions", "SecretsOptions",
-           "CertificateOptions", "load_config", "parse_listen",
+           "CertificateOptions", "BreakerOptions", "RetryOptions", "load_config", "parse_listen",
            "ENV_MAP", "DEFAULT_STALWART_URL"]
 
 DEFAULT_STALWART_URL = "https://stalwart.skygenesisenterprise.com"
@@ -66,6 +66,10 @@ class StalwartOptions:
     allowed_hosts: tuple[str, ...] = ()
     health_path: str = "/healthz/ready"
     health_interval: float = field(default=10.0, metadata={"kind": "duration"})
+    health_status: int = 200  # what a healthy server answers on health_path
+    health_timeout: float = field(default=2.0, metadata={"kind": "duration"})
+    health_unhealthy_after: int = 2  # consecutive failed checks that mark a server unhealthy
+    health_healthy_after: int = 1  # consecutive passed checks that mark it healthy again
 
     def __post_init__(self) -> None:
         if self.max_connections < 1:
@@ -76,11 +80,55 @@ class StalwartOptions:
             raise ConfigError("client_cert", "client_cert and client_key go together")
         if self.connect_timeout <= 0 or self.timeout_seconds <= 0:
             raise ConfigError("connect_timeout", "timeouts must be positive")
+        if self.health_interval <= 0 or self.health_timeout <= 0:
+            raise ConfigError("health_interval", "health_interval and health_timeout must be positive")
+        if self.health_unhealthy_after < 1 or self.health_healthy_after < 1:
+            raise ConfigError("health_unhealthy_after", "health thresholds must be at least 1")
 
     @property
     def response_timeout(self) -> float:
         """Seconds to wait for the response head once the request is sent."""
         return self.request_timeout if self.request_timeout is not None else self.timeout_seconds
+
+
+@dataclass(frozen=True, kw_only=True)
+class BreakerOptions:
+    """Outlier ejection and the circuit breaker, per upstream server (proxy/breaker.py)."""
+    consecutive_failures: int = 5  # gateway failures in a row that eject a server
+    ejection_time: float = field(default=5.0, metadata={"kind": "duration"})  # doubles per repeat
+    max_ejection_time: float = field(default=60.0, metadata={"kind": "duration"})
+    window: float = field(default=10.0, metadata={"kind": "duration"})  # the breaker's sliding window
+    min_requests: int = 10  # requests in the window before the ratio counts
+    failure_ratio: float = 0.5
+    min_clients: int = 3  # distinct failing clients needed to open (one bad client cannot)
+    open_time: float = field(default=5.0, metadata={"kind": "duration"})  # doubles per failed trial
+    max_open_time: float = field(default=60.0, metadata={"kind": "duration"})
+    failure_statuses: tuple[int, ...] = (500, 502, 503, 504)
+    max_targets: int = 256  # servers tracked (health checked) at once
+    forget_after: float = field(default=600.0, metadata={"kind": "duration"})  # unused this long: untracked
+
+    def __post_init__(self) -> None:
+        if self.consecutive_failures < 1 or self.min_requests < 1 or self.min_clients < 1:
+            raise ConfigError("consecutive_failures", "consecutive_failures, min_requests and min_clients "
+                              "must be at least 1")
+        if not 0.0 < self.failure_ratio <= 1.0:
+            raise ConfigError("failure_ratio", "must be in (0, 1]")
+        if min(self.ejection_time, self.window, self.open_time) <= 0:
+            raise ConfigError("window", "ejection_time, window and open_time must be positive")
+        if self.max_targets < 1:
+            raise ConfigError("max_targets", "must be at least 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryOptions:
+    """Retries of requests that provably never reached the server (docs/reliability.md)."""
+    attempts: int = 2
+    backoff: float = field(default=0.025, metadata={"kind": "duration"})  # full jitter, x2 per attempt
+    max_backoff: float = field(default=1.0, metadata={"kind": "duration"})
+
+    def __post_init__(self) -> None:
+        if self.attempts < 0:
+            raise ConfigError("attempts", "must not be negative")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -179,12 +227,15 @@ class Config:
     limits: LimitOptions = field(default_factory=LimitOptions)
     secrets: SecretsOptions = field(default_factory=SecretsOptions)
     certificates: CertificateOptions = field(default_factory=CertificateOptions)
+    breaker: BreakerOptions = field(default_factory=BreakerOptions)
+    retry: RetryOptions = field(default_factory=RetryOptions)
     chain: tuple[str, ...] | None = None
     addon_files: tuple[str, ...] = ()
     addons: dict[str, Any] = field(default_factory=dict)
     access_log: str = "-"
     log_level: str = "INFO"
     drain_timeout: float = field(default=30.0, metadata={"kind": "duration"})
+    workers: int = 1  # processes sharing the listener (proxy/workers.py); 1: no supervisor
     addon_reload_interval: float = field(default=1.0, metadata={"kind": "duration"})
     # not from the file: where it came from, for messages and relative paths
     source: str | None = None
@@ -193,6 +244,8 @@ class Config:
     def __post_init__(self) -> None:
         parse_listen(self.listen, "listen")
         parse_listen(self.admin_listen, "admin_listen")
+        if not 1 <= self.workers <= 256:
+            raise ConfigError("workers", f"must be between 1 and 256, got {self.workers}")
         if self.tls.enabled and (self.tls.cert is None) != (self.tls.key is None):
             raise ConfigError("tls.cert", "tls.cert and tls.key go together")
         if self.certificates.source == "vault-pki" and self.secrets.backend != "vault":
@@ -250,6 +303,7 @@ ENV_MAP: dict[str, str] = {
     "SGE_CHAIN": "chain",
     "SGE_ACCESS_LOG": "access_log",
     "SGE_LOG_LEVEL": "log_level",
+    "SGE_WORKERS": "workers",
     "SGE_SECRETS_BACKEND": "secrets.backend",
     "SGE_CERT_SOURCE": "certificates.source",
     "VAULT_ADDR": "secrets.vault.url",

@@ -8,14 +8,16 @@ import asyncio
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from .accesslog import AccessLog
 from .addonmanager import AddonManager, resolve_spec
 from .errors import ConfigError
 from .metrics import Metrics
+from .reload import Generation, ReloadResult, keep_running, plan_reload
 from .rotation import CertificateRotator, FileCertSource, PkiCertSource, SecretCertSource
 from .secrets import CachedSource, FileSecretSource
+from .health import UpstreamHealth
 from .server import HttpProtocol
 from .tls import ClientTLS, server_context
 from .upstream import UpstreamPool
@@ -80,18 +82,30 @@ def default_chain() -> list[str]:
     return list(DEFAULT_CHAIN)
 
 
+def check_routing(config: "Config") -> None:
+    """A routing mode other than official needs the resolver in the chain: without it every flow
+    would silently go to stalwart.url."""
+    s = config.stalwart
+    if s.routing_mode != "official" and config.chain is not None and not any(
+            e.strip() in ("resolver", builtin_addons()["resolver"]) for e in config.chain):
+        raise ConfigError("stalwart.routing_mode", f"{s.routing_mode!r} routing needs the resolver addon "
+                          "in the chain", source=config.source)
+
+
 class Engine:
     def __init__(self, config: "Config", *, metrics: Metrics | None = None,
-                 addon_files: tuple[str, ...] = ()) -> None:
+                 addon_files: tuple[str, ...] = (),
+                 config_loader: Callable[[], "Config"] | None = None) -> None:
         self.config = config
         self.metrics = metrics or Metrics()
         self.addons = AddonManager(config, self.metrics)
         s = config.stalwart
-        if s.routing_mode != "official" and config.chain is not None and not any(
-                e.strip() in ("resolver", builtin_addons()["resolver"]) for e in config.chain):
-            # without the resolver every flow would silently go to stalwart.url
-            raise ConfigError("stalwart.routing_mode", f"{s.routing_mode!r} routing needs the resolver addon "
-                              "in the chain", source=config.source)
+        check_routing(config)
+        # reload: the configuration as loaded (before an OS-chosen port is filled in) and how to
+        # load it again (the CLI re-reads --config, the environment and the flags)
+        self.loaded_config = config
+        self.config_loader = config_loader or (lambda: self.loaded_config)
+        self.worker: int | None = None  # index under a --workers supervisor: shares the port
         self.default_target = config.default_target()
         self.jmap_path = s.jmap_path
         self.secrets = build_secret_source(config, self.metrics)
@@ -111,22 +125,32 @@ class Engine:
             lambda: 1.0 if self.degraded() else 0.0)
         self.pool = UpstreamPool(self.tls, s, self.metrics)
         self.addons.fetcher = self.pool.fetch
+        # health checks, outlier ejection and circuit breakers per upstream server, through
+        # whichever pool is current (docs/reliability.md)
+        self.health = UpstreamHealth(lambda *a, **kw: self.pool.fetch(*a, **kw), lambda: self.config,
+                                     self.metrics)
+        self.generation = Generation(0, self.addons, self.pool)
+        self._retiring: dict[Generation, asyncio.Task | None] = {}
+        self._reload_lock = asyncio.Lock()
+        self._reloads = self.metrics.counter("sge_proxy_config_reloads_total",
+                                             "Configuration reloads (SIGHUP, POST /reload) by result.", ("result",))
         self.access_log = AccessLog(config.access_log)
         self.connections: set[HttpProtocol] = set()
         self.in_flight = 0
         self.draining = False
         self.servers: list[asyncio.AbstractServer] = []
-        self.upstream_ok: float | None = None  # when an upstream last answered a probe
         self._addon_files = addon_files
-        self._probe_task: asyncio.Task | None = None
         self._sweep_task: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ setup
-    async def load_addons(self) -> None:
-        chain = self.config.chain if self.config.chain is not None else tuple(default_chain())
+    async def load_addons(self, manager: AddonManager | None = None) -> None:
+        """Load the chain its config names into `manager` (the running one by default)."""
+        mgr = manager or self.addons
+        config = mgr.config
+        chain = config.chain if config.chain is not None else tuple(default_chain())
         builtins = builtin_addons()
-        for entry in (*chain, *self.config.addon_files, *self._addon_files):
-            await self.addons.add_spec(resolve_spec(entry, builtins))
+        for entry in (*chain, *config.addon_files, *self._addon_files):
+            await mgr.add_spec(resolve_spec(entry, builtins))
 
     async def start_secrets(self) -> None:
         """Log in to the secret backend and load a Vault-held client certificate before anything
@@ -177,8 +201,11 @@ class Engine:
         scheme = "https" if ssl_ctx else "http"
         loop = asyncio.get_running_loop()
         try:
+            # not serving (not even listen()ing) until the chain is loaded: no request may run on
+            # half a chain; workers share the port (SO_REUSEPORT)
             server = await loop.create_server(lambda: HttpProtocol(self, scheme), host, port, ssl=ssl_ctx,
-                                              backlog=1024, reuse_address=True)
+                                              backlog=1024, reuse_address=True,
+                                              reuse_port=self.worker is not None, start_serving=False)
         except OSError as e:
             await self.stop_secrets()
             raise ConfigError("listen", f"cannot listen on {host}:{port}: {e.strerror}") from None
@@ -195,9 +222,10 @@ class Engine:
             server.close()
             await self.stop_secrets()
             raise
+        await server.start_serving()
         self.access_log.start()
         self.addons.watch_files(self.config.addon_reload_interval)
-        self._probe_task = loop.create_task(self._probe_loop(), name="upstream-probe")
+        self.health.start(self.default_target)
         self._sweep_task = loop.create_task(self._sweep(), name="connection-sweeper")
         await self.addons.running()
 
@@ -218,30 +246,16 @@ class Engine:
                 c.expire(now)
 
     # ------------------------------------------------------------------ readiness
-    async def probe(self) -> bool:
-        """One readiness probe of the default target: any HTTP answer below 500 counts."""
-        s = self.config.stalwart
-        try:
-            resp = await self.pool.fetch(self.default_target, "GET", s.health_path, cap=64 << 10)
-        except Exception as e:
-            log.info("upstream probe of %s failed: %s", self.default_target, e)
-            return False
-        if resp.status < 500:
-            self.upstream_ok = time.time()
-            return True
-        log.info("upstream probe of %s answered %d", self.default_target, resp.status)
-        return False
-
-    async def _probe_loop(self) -> None:
-        interval = self.config.stalwart.health_interval
-        while True:
-            ok = await self.probe()
-            await asyncio.sleep(interval if ok else min(interval, 2.0))
+    @property
+    def upstream_ok(self) -> float | None:
+        """When the default target last answered a health check below 500 (wall clock), if ever."""
+        return self.health.answered_at(self.default_target)
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         checks: dict[str, Any] = {}
-        fresh = self.upstream_ok is not None
-        checks["upstream"] = "ok" if fresh else "no answer yet"
+        fresh = self.upstream_ok is not None  # answered once: ready (failover and 503s are ours to give)
+        checks["upstream"] = ("ok" if self.health.usable(self.default_target) else "failing: see /upstreams") \
+            if fresh else "no answer yet"
         if self.default_target.tls:
             checks["client_cert"] = "ok" if self.tls.usable() else (
                 "expired" if self.tls.info is not None else "not loaded")
@@ -268,6 +282,8 @@ class Engine:
             out.append("secrets")
         if self.rotator is not None and self.rotator.last_error is not None:
             out.append("client_cert_rotation")
+        if self.upstream_ok is not None and not self.health.usable(self.default_target):
+            out.append("upstream")
         return out
 
     # ------------------------------------------------------------------ per request
@@ -278,7 +294,7 @@ class Engine:
         up = flow.upstream_ms
         ident = flow.identity
         err = flow.error
-        self.access_log.write({
+        record = {
             "ts": int(time.time() * 1000) / 1000,
             "request_id": flow.id,
             "client": flow.client_addr,
@@ -293,22 +309,114 @@ class Engine:
             "bytes_out": flow.bytes_out,
             "user": ident.subject if ident is not None else None,
             "error": getattr(err, "code", None) if err is not None else None,
-        })
+        }
+        if self.worker is not None:
+            record["worker"] = self.worker
+        self.access_log.write(record)
 
-    async def reload(self) -> None:
-        """SIGHUP: reload file addons and every addon that has a `reload()` (policies, keys)."""
-        import inspect
-        await self.addons.check_files()
-        for a in self.addons.addons:
-            fn = getattr(a, "reload", None)
-            if fn is None:
-                continue
+    async def reload(self) -> ReloadResult:
+        """SIGHUP and POST /reload: re-read the configuration, build and load a whole new chain
+        (and upstream pool when stalwart.* changed) next to the running one, swap it in for new
+        requests; in-flight ones finish on the old chain, which is then retired. Anything that
+        fails leaves the running configuration and chain untouched."""
+        async with self._reload_lock:
             try:
-                r = fn()
-                if inspect.isawaitable(r):
-                    await r
-            except Exception:
-                log.exception("reload of %s failed; it keeps its previous state", type(a).__name__)
+                result = await self._reload()
+            except Exception as e:  # a bug of ours, or an addon's: refused all the same
+                log.exception("reload failed")
+                result = ReloadResult.refused(500, f"{type(e).__name__}: {e}")
+        self._reloads.labels("ok" if result.ok else "failed").inc()
+        if result.ok:
+            log.info("configuration reloaded (generation %d): changed [%s]", result.generation,
+                     ", ".join(result.changed))
+            if result.restart_needed:
+                log.warning("reload: %s changed but needs a restart; the running value stays",
+                            ", ".join(result.restart_needed))
+        else:
+            log.error("reload refused, the running configuration stays: %s", result.error)
+        return result
+
+    async def _reload(self) -> ReloadResult:
+        if self.draining:
+            return ReloadResult.refused(503, "The proxy is shutting down.")
+        try:
+            loaded = self.config_loader()
+            check_routing(loaded)
+            plan = plan_reload(self.loaded_config, loaded, cert_files=self.config.certificates.source == "files")
+            config = keep_running(loaded, self.config, plan.restart_needed)
+        except ConfigError as e:
+            return ReloadResult.refused(422, str(e))
+        s = config.stalwart
+        tls, rotator, pool = self.tls, self.rotator, self.pool
+        if plan.new_tls:
+            try:
+                tls = ClientTLS.from_files(cert=config.resolve(s.client_cert), key=config.resolve(s.client_key),
+                                           ca=config.resolve(s.ca_cert), min_version=s.tls_min_version,
+                                           verify_hostname=s.verify_hostname)
+                rotator = build_rotator(config, tls, self.secrets, self.metrics)
+            except ConfigError as e:
+                return ReloadResult.refused(422, str(e))
+            except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+                return ReloadResult.refused(422, f"config error: stalwart.client_cert: {e}")
+        if plan.new_pool:
+            pool = UpstreamPool(tls, s, self.metrics)
+        mgr = AddonManager(config, self.metrics)
+        mgr.secrets = self.secrets
+        mgr.fetcher = pool.fetch
+        try:
+            await self.load_addons(mgr)
+            await mgr.running()
+            if self.draining:
+                raise ConfigError("reload", "the proxy began shutting down")
+        except BaseException as e:
+            await mgr.done()
+            if pool is not self.pool:
+                await pool.close()
+            if isinstance(e, ConfigError):
+                return ReloadResult.refused(503 if self.draining else 422, str(e))
+            raise
+        # the swap: no await from here to the end of it, so a request sees all old or all new
+        old = self.generation
+        self.generation = Generation(old.number + 1, mgr, pool)
+        self.addons, self.pool, self.config = mgr, pool, config
+        self.loaded_config = keep_running(loaded, self.loaded_config, plan.restart_needed)
+        self.default_target = config.default_target()
+        self.jmap_path = s.jmap_path
+        self.health.set_default(self.default_target)
+        old_rotator = self.rotator
+        self.tls, self.rotator = tls, rotator
+        # end of the swap
+        logging.getLogger().setLevel(getattr(logging, config.log_level.upper(), logging.INFO))
+        mgr.watch_files(config.addon_reload_interval)
+        self._retiring[old] = asyncio.get_running_loop().create_task(self._retire(old), name="chain-retire")
+        if plan.new_tls:
+            if old_rotator is not None:
+                await old_rotator.stop()
+            if tls.info is not None:
+                self.metrics.cert_expiry.set(tls.info.not_after)
+            if rotator is not None:
+                rotator.start()
+        return ReloadResult(True, 200, changed=plan.changed, restart_needed=plan.restart_needed,
+                            generation=self.generation.number)
+
+    async def _retire(self, old: Generation) -> None:
+        """Once the requests on an old chain are done (bounded by drain_timeout), run its addons'
+        `done` and close its pool if nothing uses it any more."""
+        deadline = time.monotonic() + self.config.drain_timeout
+        while old.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if old.in_flight:
+            log.warning("chain generation %d still has %d requests after drain_timeout; retiring it anyway",
+                        old.number, old.in_flight)
+        self._retiring[old] = None  # from here on the retirement runs to its end, even in stop()
+        await self._finish(old)
+
+    async def _finish(self, old: Generation) -> None:
+        await old.addons.done()
+        self._retiring.pop(old, None)
+        if old.pool is not self.pool and all(g.pool is not old.pool for g in self._retiring):
+            await old.pool.close()
+        log.info("chain generation %d retired", old.number)
 
     # ------------------------------------------------------------------ shutdown
     async def stop(self, drain_timeout: float | None = None) -> bool:
@@ -329,9 +437,14 @@ class Engine:
         for c in list(self.connections):
             if c.transport is not None:
                 c.transport.close()
-        for t in (self._probe_task, self._sweep_task):
+        if self._sweep_task is not None:
+            self._sweep_task.cancel()
+        await self.health.stop()
+        for g, t in list(self._retiring.items()):  # chains a reload replaced: their requests are done too
             if t is not None:
                 t.cancel()
+                await asyncio.gather(t, return_exceptions=True)
+                await self._finish(g)
         await self.addons.done()
         await self.stop_secrets()
         await self.pool.close()

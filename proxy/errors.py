@@ -12,7 +12,7 @@ import orjson
 __all__ = [
     "ProxyError", "BadRequest", "Unauthorized", "Forbidden", "NotFound", "PayloadTooLarge",
     "HeadersTooLarge", "TooManyRequests", "InternalError", "BadGateway", "UpstreamConnectError",
-    "UpstreamTLSError", "UpstreamProtocolError", "UpstreamTimeout", "NoUpstream", "ConfigError",
+    "UpstreamTLSError", "UpstreamProtocolError", "UpstreamTooLarge", "UpstreamTimeout", "NoUpstream", "ConfigError",
     "problem", "to_response",
 ]
 
@@ -80,6 +80,10 @@ class UpstreamTLSError(BadGateway):
 
 class UpstreamProtocolError(BadGateway):
     code = "upstream_protocol_error"
+
+
+class UpstreamTooLarge(BadGateway):
+    code = "upstream_response_too_large"
 
 
 class NoUpstream(ProxyError):

@@ -7,7 +7,7 @@ from typing import Any, Iterable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
-__all__ = ["Metrics", "LATENCY_BUCKETS", "HotCounter", "HotHistogram", "FastCounter"]
+__all__ = ["Metrics", "LATENCY_BUCKETS", "HotCounter", "HotHistogram", "FastCounter", "aggregate"]
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -184,3 +184,47 @@ class Metrics:
 
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _STATUS = {n: str(n) for n in range(100, 600)}
+
+
+def _merge_rule(sample_name: str, kind: str) -> Any:
+    """How one sample combines across workers: counts and sums add up; so do gauges, except
+    points in time (`*_timestamp_seconds`: the latest; `*_created`: the earliest)."""
+    if sample_name.endswith("_created"):
+        return min
+    if kind in ("gauge", "unknown", "untyped") and sample_name.endswith("_timestamp_seconds"):
+        return max
+    return lambda a, b: a + b
+
+
+def aggregate(expositions: Iterable[str]) -> bytes:
+    """Several Prometheus text expositions (one per worker) as one: samples with the same name and
+    labels combined by `_merge_rule`. Pure."""
+    from prometheus_client import generate_latest
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.parser import text_string_to_metric_families
+    from prometheus_client.samples import Sample
+
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple, Sample]] = {}
+    for text in expositions:
+        for fam in text_string_to_metric_families(text):
+            if fam.name not in families:
+                families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+                values[fam.name] = {}
+            merged = values[fam.name]
+            kind = families[fam.name].type
+            for smp in fam.samples:
+                key = (smp.name, tuple(sorted(smp.labels.items())))
+                prev = merged.get(key)
+                value = smp.value if prev is None else _merge_rule(smp.name, kind)(prev.value, smp.value)
+                merged[key] = Sample(smp.name, smp.labels, value)
+
+    class _Merged:
+        def collect(self) -> Iterable[Any]:
+            for name, fam in families.items():
+                fam.samples = list(values[name].values())
+                yield fam
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Merged())
+    return generate_latest(registry)

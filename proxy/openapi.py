@@ -240,17 +240,19 @@ _PATHS: dict[str, Any] = {
     f"{PREFIX}/messages/{{id}}/attachments/{{blobId}}": {
         "parameters": [_MESSAGE_ID, _path_param("blobId", "The attachment's blob id.")],
         "get": {
-            "operationId": "downloadAttachment", "summary": "Download an attachment of the message.",
+            "operationId": "downloadAttachment",
+            "summary": "Download an attachment of the message (streamed from the mail server).",
             "responses": {
                 "200": {"description": "The attachment, with its media type and filename.",
                         "headers": {"Content-Disposition": {"schema": {"type": "string"}}},
                         "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}},
-                **_problems(400, 404, 413)},
+                **_problems(400, 404)},
         },
     },
     f"{PREFIX}/attachments": {"post": {
         "operationId": "uploadAttachment",
-        "summary": "Upload an attachment (at most the server's maxSizeUpload); send it by its blobId.",
+        "summary": "Upload an attachment (streamed; at most the server's maxSizeUpload, checked against "
+                   "Content-Length up front); send it by its blobId.",
         "requestBody": {"required": True, "content": {
             "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
         "responses": {**_ok(201, "Uploaded.", "UploadResult"), **_problems(400, 413)},

@@ -7,9 +7,9 @@ primaryAccounts["urn:ietf:params:jmap:mail"]) and is complete: no `#accountId` r
 """
 from __future__ import annotations
 
+import math
 import re
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Hashable, Mapping
@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl, quote, urlsplit
 
 import orjson
 
+from .cache import TTLCache
 from .errors import (BadGateway, BadRequest, Forbidden, InternalError, NotFound, PayloadTooLarge,
                      ProxyError, TooManyRequests)
 from .session import CORE, MAIL
@@ -31,7 +32,9 @@ __all__ = [
     "delete_result", "Address", "Attachment", "Draft", "parse_draft", "choose_identity",
     "send_request", "send_result", "quota_request", "quota_result", "parse_json_object",
     "check_id", "parse_bool", "parse_delete_query", "attachments_request", "expand", "url_path",
-    "content_disposition", "safe_media_type",
+    "content_disposition", "safe_media_type", "UPLOAD_PATH", "STREAMED", "FORWARDED_HEADERS",
+    "KEPT_DOWNLOAD_HEADERS", "upload_type", "download_name", "rewritten_headers", "upload_result",
+    "download_error", "download_headers",
     "attachment_of", "summary", "FacadeCache", "SORTABLE", "SUMMARY_PROPERTIES", "WRITE_METHODS",
 ]
 
@@ -986,6 +989,89 @@ def content_disposition(filename: str | None) -> str:
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(filename[:200], safe='')}"
 
 
+# ---------------------------------------------------------------------------- streamed attachments
+# POST /attachments and GET .../attachments/{blobId} are not answered by the facade: the flow is
+# rewritten to the session's upload or download URL and the engine streams the bytes both ways.
+UPLOAD_PATH = PREFIX + "/attachments"
+STREAMED = frozenset({"upload_attachment", "download_attachment"})
+# the client's headers that travel with a rewritten request (the engine's scrubbed X-Forwarded-*;
+# Authorization only matters without upstream_identity, which replaces it otherwise)
+FORWARDED_HEADERS = ("X-Forwarded-For", "X-Forwarded-Proto", "Authorization")
+# the mail server's download headers passed on; everything else (Server, ETag, its own
+# Content-Type and Content-Disposition, ...) is replaced by the facade's
+KEPT_DOWNLOAD_HEADERS = ("Content-Length", "Content-Encoding")
+
+
+def upload_type(content_type: str) -> str:
+    """The blob type of an upload from its Content-Type (parameters dropped; none given:
+    application/octet-stream). BadRequest for something that is not a media type. Pure."""
+    raw = content_type.split(";", 1)[0].strip()
+    if not raw:
+        return "application/octet-stream"
+    if not _MEDIA_TYPE.match(raw):
+        raise BadRequest("Content-Type is not a valid media type.")
+    return raw.lower()
+
+
+def download_name(name: str | None) -> str:
+    """The {name} of a download URL: cosmetic (the facade sets Content-Disposition itself), so it
+    is kept to one plain path segment that no server or guard could read as another path. Pure."""
+    n = "".join("_" if c in "/\\" or ord(c) < 0x20 or ord(c) == 0x7F else c for c in name or "")[:200]
+    return "attachment" if n.strip(".") == "" else n
+
+
+def rewritten_headers(client: Mapping[str, str] | Any, own: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The headers of a request the facade rewrites for the upstream: FORWARDED_HEADERS from the
+    client's (already scrubbed) headers, then the facade's own. Nothing else the client sent
+    (cookies, Range, conditionals, ...) reaches the mail server. Pure."""
+    getall = getattr(client, "getall", None)
+    out = []
+    for name in FORWARDED_HEADERS:
+        values = getall(name, ()) if getall is not None else ([client[name]] if name in client else [])
+        out.extend((name, v) for v in values)
+    return out + own
+
+
+def upload_result(status: int, headers: Mapping[str, str], body: bytes | None, ctype: str,
+                  size: int | None) -> dict[str, Any]:
+    """The facade's answer ({"blobId", "type", "size"}) from the upload URL's answer, or the
+    error from the one table. `size` is what was sent, when known. Pure."""
+    if status not in (200, 201):
+        raise upstream_error(status, headers, body)
+    try:
+        doc = orjson.loads(body or b"")
+    except orjson.JSONDecodeError:
+        doc = None
+    if not isinstance(doc, dict) or not isinstance(doc.get("blobId"), str):
+        raise BadGateway("The mail server's upload answer has no blobId.")
+    n = doc.get("size")
+    if not isinstance(n, int) or isinstance(n, bool):
+        n = size
+    if n is None:
+        raise BadGateway("The mail server's upload answer has no size.")
+    return {"blobId": doc["blobId"], "type": safe_media_type(doc.get("type") or ctype), "size": n}
+
+
+def download_error(status: int, headers: Mapping[str, str], body: bytes | None) -> ProxyError:
+    """A download URL's answer other than 200. Pure."""
+    if status == 404:
+        return NotFound("The attachment's content is gone.", extra={"jmapType": "blobNotFound"})
+    return upstream_error(status, headers, body)
+
+
+def download_headers(ctype: str, name: str | None, upstream: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The headers of a streamed download: the facade's documented ones, plus the body's framing
+    and encoding from the mail server (KEPT_DOWNLOAD_HEADERS). Pure."""
+    out = [("Content-Type", ctype), ("Content-Disposition", content_disposition(name)),
+           ("X-Content-Type-Options", "nosniff"), ("Content-Security-Policy", "default-src 'none'; sandbox"),
+           ("Cache-Control", "private, no-store")]
+    for h in KEPT_DOWNLOAD_HEADERS:
+        v = upstream.get(h)
+        if v is not None:
+            out.append((h, v))
+    return out
+
+
 # ---------------------------------------------------------------------------- the cache
 class FacadeCache:
     """Values per key (user, target) with a TTL in a bounded LRU. An invalidation wins over a fill
@@ -993,40 +1079,28 @@ class FacadeCache:
     the put is dropped when the key was invalidated in between. Sans-IO: the clock is injected."""
 
     def __init__(self, size: int, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
-        self.size, self.ttl, self._clock = size, ttl, clock
-        self._data: OrderedDict[Hashable, tuple[float, Any]] = OrderedDict()
-        self._dropped: OrderedDict[Hashable, int] = OrderedDict()
+        self.size, self.ttl = size, ttl
+        self._data: TTLCache[Hashable, Any] = TTLCache(size, ttl, clock)
+        self._dropped: TTLCache[Hashable, int] = TTLCache(size, math.inf, clock)  # key -> tick of its invalidation
         self._tick = 0
 
     def get(self, key: Hashable) -> Any | None:
-        item = self._data.get(key)
-        if item is None:
-            return None
-        if item[0] <= self._clock():
-            del self._data[key]
-            return None
-        self._data.move_to_end(key)
-        return item[1]
+        return self._data.get(key)
 
     def begin(self) -> int:
         return self._tick
 
     def put(self, key: Hashable, value: Any, begun: int) -> bool:
-        if self._dropped.get(key, -1) > begun:
+        dropped = self._dropped.peek(key)
+        if dropped is not None and dropped > begun:
             return False
-        self._data[key] = (self._clock() + self.ttl, value)
-        self._data.move_to_end(key)
-        while len(self._data) > self.size:
-            self._data.popitem(last=False)
+        self._data.put(key, value)
         return True
 
     def invalidate(self, key: Hashable) -> None:
         self._tick += 1
-        self._data.pop(key, None)
-        self._dropped[key] = self._tick
-        self._dropped.move_to_end(key)
-        while len(self._dropped) > self.size:
-            self._dropped.popitem(last=False)
+        self._data.pop(key)
+        self._dropped.put(key, self._tick)
 
     def clear(self) -> None:
         self._data.clear()

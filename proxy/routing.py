@@ -17,10 +17,10 @@ from __future__ import annotations
 import ipaddress
 import re
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable, Literal, Mapping, get_args
 
+from .cache import TTLCache
 from .errors import ConfigError, Forbidden, NoUpstream
 from .identity import Identity
 from .target import Target, parse_target
@@ -260,42 +260,28 @@ def apply_residency(route: Route, home: str | None) -> tuple[Route, tuple[Server
 Refused = NoRoute | InvalidRoute
 
 
-class DecisionCache:
+class DecisionCache(TTLCache[Hashable, "Route | Refused"]):
     """Routing decisions by key: a Route for `positive_ttl`, a refusal (NoRoute or InvalidRoute;
     raise its `again()`) for `negative_ttl`, at most `size` entries (least recently used go first).
     An expired Route stays readable through `stale()` until evicted, for when the secret source is
-    down. `clock` is injected. Sans-IO."""
+    down; an expired refusal is dropped. `clock` is injected. Sans-IO."""
 
     def __init__(self, size: int = 10_000, positive_ttl: float = 600.0, negative_ttl: float = 30.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.size, self.positive_ttl, self.negative_ttl, self._clock = size, positive_ttl, negative_ttl, clock
-        self._data: OrderedDict[Hashable, tuple[float, Route | Refused]] = OrderedDict()
+        super().__init__(size, positive_ttl, clock, keep_expired=True)
+        self.positive_ttl, self.negative_ttl = positive_ttl, negative_ttl
 
     def get(self, key: Hashable) -> Route | Refused | None:
-        item = self._data.get(key)
-        if item is None:
-            return None
-        expires, value = item
-        if expires <= self._clock():
-            if not isinstance(value, Route):
-                del self._data[key]
-            return None
-        self._data.move_to_end(key)
+        value = super().get(key)
+        if value is None and not isinstance(self.peek(key), Route):
+            self.pop(key)  # an expired refusal serves no stale read
         return value
 
     def stale(self, key: Hashable) -> Route | None:
-        item = self._data.get(key)
-        return item[1] if item is not None and isinstance(item[1], Route) else None
+        value = self.peek(key)
+        return value if isinstance(value, Route) else None
 
-    def put(self, key: Hashable, value: Route | Refused) -> None:
-        ttl = self.positive_ttl if isinstance(value, Route) else self.negative_ttl
-        self._data[key] = (self._clock() + ttl, value)
-        self._data.move_to_end(key)
-        while len(self._data) > self.size:
-            self._data.popitem(last=False)
-
-    def clear(self) -> None:
-        self._data.clear()
-
-    def __len__(self) -> int:
-        return len(self._data)
+    def put(self, key: Hashable, value: Route | Refused, ttl: float | None = None) -> None:
+        if ttl is None:
+            ttl = self.positive_ttl if isinstance(value, Route) else self.negative_ttl
+        super().put(key, value, ttl)

@@ -22,10 +22,16 @@ from .errors import (BadRequest, HeadersTooLarge, InternalError, PayloadTooLarge
 from .flow import Flow, Request, Response
 from .http1 import (raw_request_head, raw_response_head, reason_phrase, request_head, response_head,
                     rewrite_location, valid_request_id)
+from .breaker import Circuit
+from .health import FALLBACKS
 from .jmap import route_class
+from .upstream import NotSent
 
 if TYPE_CHECKING:
+    from .addonmanager import AddonManager
+    from .breaker import ServerState
     from .engine import Engine
+    from .target import Target
     from .upstream import UpstreamConnection, UpstreamResponse
 
 __all__ = ["HttpProtocol", "RequestBody"]
@@ -92,6 +98,7 @@ class RequestBody:
         data = b"".join(self._chunks)
         self._chunks.clear()
         self._size = 0
+        self._proto.resume_reading()  # a large body may have paused the connection
         return data
 
     def _send_continue(self) -> None:
@@ -338,6 +345,8 @@ class HttpProtocol(asyncio.Protocol):
 
     async def _cycle(self, flow: Flow, body: RequestBody | None, keep_alive: bool) -> None:
         eng = self.engine
+        gen = eng.generation  # the chain this request keeps to its end, whatever a reload swaps in
+        gen.in_flight += 1
         eng.in_flight += 1
         eng.metrics.in_flight_value = eng.in_flight
         status = 0
@@ -348,7 +357,7 @@ class HttpProtocol(asyncio.Protocol):
                 self._must_close = True
             flow.upstream = eng.default_target
             try:
-                up = await self._run_chain(flow, body)
+                up = await self._run_chain(flow, body, gen.addons)
                 resp = flow.response
                 assert resp is not None
                 if body is not None and not body.complete:
@@ -358,7 +367,7 @@ class HttpProtocol(asyncio.Protocol):
             except ProxyError as e:
                 if head_sent:
                     raise
-                status = await self._fail(flow, e, up)
+                status = await self._fail(flow, e, up, gen.addons)
         except asyncio.CancelledError:
             status = status or 499  # the client went away
             if up is not None:
@@ -368,7 +377,8 @@ class HttpProtocol(asyncio.Protocol):
             if up is not None:
                 up.conn.abort()
             if not head_sent and not self.closed:
-                status = await self._fail(flow, InternalError("The request could not be processed."), None)
+                status = await self._fail(flow, InternalError("The request could not be processed."), None,
+                                          gen.addons)
             else:
                 status = status or 500
                 self._must_close = True
@@ -376,6 +386,7 @@ class HttpProtocol(asyncio.Protocol):
                     self.transport.abort()
             flow.error = flow.error or e
         finally:
+            gen.in_flight -= 1
             eng.in_flight -= 1
             eng.metrics.in_flight_value = eng.in_flight
             elapsed = time.perf_counter() - flow.started
@@ -386,8 +397,8 @@ class HttpProtocol(asyncio.Protocol):
             self._upstream = None
             self._next()
 
-    async def _run_chain(self, flow: Flow, body: RequestBody | None) -> "UpstreamResponse | None":
-        mgr = self.engine.addons
+    async def _run_chain(self, flow: Flow, body: RequestBody | None,
+                         mgr: "AddonManager") -> "UpstreamResponse | None":
         req = flow.request
         if mgr.has("requestheaders"):
             await mgr.run("requestheaders", flow)
@@ -423,7 +434,10 @@ class HttpProtocol(asyncio.Protocol):
     async def _forward(self, flow: Flow, body: RequestBody | None) -> "UpstreamResponse":
         eng = self.engine
         req = flow.request
-        target = flow.upstream or eng.default_target
+        health = eng.health
+        primary = flow.upstream or eng.default_target
+        now = time.monotonic()
+        target, st = health.pick(primary, flow.metadata.get(FALLBACKS), now)
         flow.upstream = target
         stream: AsyncIterator[bytes] | None = None
         data: bytes | None = req.body
@@ -443,6 +457,65 @@ class HttpProtocol(asyncio.Protocol):
                 framing.append(("Transfer-Encoding", "chunked"))
             else:
                 framing.append(("Content-Length", str(req.content_length)))
+        head = self._request_head(flow, target, framing)
+        t0 = time.perf_counter()
+        try:
+            try:
+                up = await eng.pool.exchange(target, req.method, head, data, stream)
+            except ProxyError as e:
+                health.failed(st, e, flow.client_addr)
+                if not isinstance(e, NotSent):
+                    raise
+                target, st, up = await self._retry(flow, primary, target, st, framing, data, stream, e)
+        finally:
+            flow.upstream_ms = (time.perf_counter() - t0) * 1000
+        if st is not None:
+            if up.status < 500:
+                st.success(now)  # (counted at the request's start: the window's bucket hardly differs)
+            else:
+                st.answered(up.status, flow.client_addr, time.monotonic())
+        self._upstream = up.conn
+        eng.metrics.upstream_requests.inc((target.name, str(up.status)))
+        return up
+
+    async def _retry(self, flow: Flow, primary: "Target", target: "Target", st: "ServerState | None",
+                     framing: list[tuple[str, str]], data: bytes | None, stream: AsyncIterator[bytes] | None,
+                     err: ProxyError) -> "tuple[Target, ServerState | None, UpstreamResponse]":
+        """The request provably never reached `target` (`err` is NotSent): send it again, at most
+        retry.attempts times, to the route's next server that may take it, else to the same one
+        after a jittered backoff. Nothing of the request was written, so even a POST is safe;
+        a streamed body has not been read yet. Raises the last error."""
+        eng = self.engine
+        health = eng.health
+        req = flow.request
+        candidates = (primary, *(flow.metadata.get(FALLBACKS) or ()))
+        tried: list[tuple] = [target.key]
+        for attempt in range(1, eng.config.retry.attempts + 1):
+            found = health.failover(candidates, tried, time.monotonic())
+            if found is None and st is not None and st.circuit is Circuit.OPEN:
+                raise err  # no other server, and this one's circuit just opened
+            health.retries.labels(target.origin, err.code).inc()
+            if found is None:  # no other server: the same one, after a pause
+                await asyncio.sleep(health.backoff(attempt))
+            else:
+                target, st = found
+                tried.append(target.key)
+            flow.upstream = target
+            head = self._request_head(flow, target, framing)
+            try:
+                up = await eng.pool.exchange(target, req.method, head, data, stream)
+            except ProxyError as e:
+                health.failed(st, e, flow.client_addr)
+                if not isinstance(e, NotSent):
+                    raise
+                err = e
+                continue
+            return target, st, up
+        raise err
+
+    def _request_head(self, flow: Flow, target: "Target", framing: list[tuple[str, str]]) -> bytes:
+        """The upstream request head for `target` (called again for another server on a retry)."""
+        req = flow.request
         upath = target.base_path + req.target if target.base_path else req.target
         if req.headers_read:  # an addon saw (and maybe changed) the headers: serialise those
             h = req.headers
@@ -453,23 +526,14 @@ class HttpProtocol(asyncio.Protocol):
             for name in ("Expect", "Transfer-Encoding", "Content-Length"):
                 h.popall(name, None)
             h.extend(framing)
-            head = request_head(req.method, upath, h)
-        else:  # nobody looked: forward the parser's bytes, scrubbed the same way
-            add = [("Host", target.authority), ("X-Forwarded-For", self.peer),
-                   ("X-Forwarded-Proto", self.scheme), ("X-Request-ID", flow.id)]
-            if req.host:
-                add.append(("X-Forwarded-Host", req.host))
-            add.extend(framing)
-            head = raw_request_head(req.method, upath, req.raw, _ENGINE_SETS, add,
-                                    req.raw_connection)
-        t0 = time.perf_counter()
-        try:
-            up = await eng.pool.exchange(target, req.method, head, data, stream)
-        finally:
-            flow.upstream_ms = (time.perf_counter() - t0) * 1000
-        self._upstream = up.conn
-        eng.metrics.upstream_requests.inc((target.name, str(up.status)))
-        return up
+            return request_head(req.method, upath, h)
+        # nobody looked: forward the parser's bytes, scrubbed the same way
+        add = [("Host", target.authority), ("X-Forwarded-For", self.peer),
+               ("X-Forwarded-Proto", self.scheme), ("X-Request-ID", flow.id)]
+        if req.host:
+            add.append(("X-Forwarded-Host", req.host))
+        add.extend(framing)
+        return raw_request_head(req.method, upath, req.raw, _ENGINE_SETS, add, req.raw_connection)
 
     async def _body_frames(self, flow: Flow, body: RequestBody, *, chunked: bool) -> AsyncIterator[bytes]:
         while True:
@@ -587,11 +651,14 @@ class HttpProtocol(asyncio.Protocol):
         self._finish_upstream(up)
         return status
 
-    async def _fail(self, flow: Flow, err: ProxyError, up: "UpstreamResponse | None") -> int:
+    async def _fail(self, flow: Flow, err: ProxyError, up: "UpstreamResponse | None",
+                    mgr: "AddonManager") -> int:
         flow.error = err
         if up is not None:
             up.conn.close()
-        mgr = self.engine.addons
+        elif self._upstream is not None:  # failed after the exchange began (e.g. in responseheaders)
+            self._upstream.close()
+            self._upstream = None
         if mgr.has("error"):
             try:
                 await mgr.run("error", flow)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
@@ -22,6 +22,7 @@ from jwt import api_jws, exceptions as jwt_errors
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from jwt.utils import base64url_decode, is_pem_format, is_ssh_key
 
+from .cache import TTLCache
 from .errors import ConfigError
 from .identity import Identity
 
@@ -413,7 +414,7 @@ class TokenCache:
 
     def __init__(self, size: int = 10_000) -> None:
         self._size = size
-        self._items: OrderedDict[bytes, Identity] = OrderedDict()
+        self._items: TTLCache[bytes, Identity] = TTLCache(size, math.inf)  # expiry is the token's own exp
 
     @staticmethod
     def _key(token: str) -> bytes:
@@ -427,18 +428,14 @@ class TokenCache:
         if ident is None:
             return None
         if ident.expires_at is not None and now > ident.expires_at + leeway:
-            del self._items[k]
+            self._items.pop(k)
             return None
-        self._items.move_to_end(k)
         return ident
 
     def put(self, token: str, ident: Identity) -> None:
         if not self._size:
             return
-        self._items[self._key(token)] = ident
-        self._items.move_to_end(self._key(token))
-        while len(self._items) > self._size:
-            self._items.popitem(last=False)
+        self._items.put(self._key(token), ident)
 
     def __len__(self) -> int:
         return len(self._items)

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 import httptools
 from multidict import CIMultiDict
 
-from .errors import (NoUpstream, PayloadTooLarge, ProxyError, UpstreamConnectError,
-                     UpstreamProtocolError, UpstreamTimeout, UpstreamTLSError)
+from .errors import (NoUpstream, ProxyError, UpstreamConnectError,
+                     UpstreamProtocolError, UpstreamTimeout, UpstreamTLSError, UpstreamTooLarge)
 from .flow import Response
 from .http1 import request_head
 
@@ -28,12 +28,38 @@ if TYPE_CHECKING:
     from .target import Target
     from .tls import ClientTLS
 
-__all__ = ["UpstreamPool", "UpstreamConnection", "UpstreamResponse"]
+__all__ = ["UpstreamPool", "UpstreamConnection", "UpstreamResponse", "NotSent", "ConnectRefused",
+           "ConnectTimeout", "HandshakeFailed", "ResetBeforeSend", "RequestBodyFailed"]
 
 log = logging.getLogger(__name__)
 
 _BUFFER_HIGH = 256 << 10  # body bytes buffered before a sink is attached: pause reading above this
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+class NotSent:
+    """Mixed into the errors raised before a single byte of the request was written: the request
+    provably never reached the server, so it may be retried, even a POST (docs/reliability.md)."""
+
+
+class ConnectRefused(NotSent, UpstreamConnectError):
+    """The TCP connection failed (refused, unreachable, reset during the handshake)."""
+
+
+class ConnectTimeout(NotSent, UpstreamTimeout):
+    """TCP connect plus TLS handshake took longer than stalwart.connect_timeout."""
+
+
+class HandshakeFailed(NotSent, UpstreamTLSError):
+    """The TLS handshake failed."""
+
+
+class ResetBeforeSend(NotSent, UpstreamConnectError):
+    """A fresh connection closed by the server before the request could be written."""
+
+
+class RequestBodyFailed(UpstreamProtocolError):
+    """The client's streamed request body failed mid-way: the client's fault, not the server's."""
 
 
 class UpstreamResponse:
@@ -185,7 +211,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._sink(body)
             return
         if self._cap is not None and self._buf_len + len(body) > self._cap:
-            self._fail(PayloadTooLarge("The upstream response is larger than the proxy may buffer."))
+            self._fail(UpstreamTooLarge("The upstream response is larger than the proxy may buffer."))
             self.close()
             return
         self._buf.append(body)
@@ -328,10 +354,11 @@ class UpstreamConnection(asyncio.Protocol):
         return data
 
     async def read_all(self, cap: int) -> bytes:
-        """Buffer the whole response body (PayloadTooLarge past cap)."""
+        """Buffer the whole response body (502 UpstreamTooLarge past cap: the client asked for nothing
+        too large, the server answered it)."""
         if self._buf_len > cap:
             self.close()
-            raise PayloadTooLarge("The upstream response is larger than the proxy may buffer.")
+            raise UpstreamTooLarge("The upstream response is larger than the proxy may buffer.")
         self._cap = cap
         self.resume_reading()
         await self._wait_done()
@@ -455,15 +482,15 @@ class UpstreamPool:
                 self.opts.connect_timeout)
         except asyncio.TimeoutError:
             self.metrics.upstream_errors.labels(target.name, "connect_timeout").inc()
-            raise UpstreamTimeout("Connecting to the upstream server timed out.") from None
+            raise ConnectTimeout("Connecting to the upstream server timed out.") from None
         except ssl.SSLError as e:
             self.metrics.upstream_errors.labels(target.name, "tls").inc()
             log.warning("TLS handshake with %s failed: %s", target, e)
-            raise UpstreamTLSError("TLS handshake with the upstream server failed.") from None
+            raise HandshakeFailed("TLS handshake with the upstream server failed.") from None
         except OSError as e:
             self.metrics.upstream_errors.labels(target.name, "connect").inc()
             log.warning("connecting to %s failed: %s", target, e)
-            raise UpstreamConnectError("The upstream server could not be reached.") from None
+            raise ConnectRefused("The upstream server could not be reached.") from None
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
@@ -528,10 +555,17 @@ class UpstreamPool:
                        stream: "AsyncIterator[bytes] | None" = None) -> UpstreamResponse:
         """Send a request; return the response head. A request on a reused connection that dies
         before any byte of answer is retried once on a fresh connection when it is replayable
-        (idempotent method, body not streamed)."""
+        (idempotent method, body not streamed). Errors raised before a byte was written are
+        NotSent (the caller may retry those anywhere: server.py)."""
         replayable = method in _IDEMPOTENT and stream is None
         for attempt in (0, 1):
             conn, reused = await self.acquire(target)
+            if not reused and (conn.closed or conn.transport is None or conn.transport.is_closing()):
+                # closed between the handshake and now (a server refusing our certificate after
+                # TLS 1.3's handshake, one shutting down): nothing was written
+                conn.close()
+                self.metrics.upstream_errors.labels(target.name, "reset").inc()
+                raise ResetBeforeSend("The upstream server closed the connection before the request was sent.")
             t0 = time.perf_counter()
             try:
                 timeout = self.opts.response_timeout
@@ -584,7 +618,7 @@ class UpstreamPool:
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the client side failed mid-body
-            conn._fail(UpstreamProtocolError(f"The request body could not be sent: {type(e).__name__}"))
+            conn._fail(RequestBodyFailed(f"The request body could not be sent: {type(e).__name__}"))
             conn.abort()
             return
         conn.arm_head_timeout(timeout)

@@ -336,6 +336,9 @@ async def test_attachments_round_trip_byte_for_byte(env, user):
     assert headers["Content-Disposition"] == \
         "attachment; filename=\"r_sum_ (1).bin\"; filename*=UTF-8''r%C3%A9sum%C3%A9%20%281%29.bin"
     assert headers["X-Content-Type-Options"] == "nosniff"
+    assert headers["Cache-Control"] == "private, no-store"
+    assert headers["Content-Security-Policy"] == "default-src 'none'; sandbox"
+    assert not {"Server", "ETag", "Last-Modified", "Set-Cookie"} & set(headers)  # Cyrus's own are gone
 
     # another message's attachment, or another user, gets nothing
     assert_problem(*(await env.call(user, "GET", f"{API}/messages/{draft['id']}/attachments/Gdeadbeef")),

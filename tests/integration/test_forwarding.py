@@ -284,3 +284,74 @@ def test_sigterm_lets_20_slow_requests_finish(certs, upstream_thread):
         assert p.proc.wait(10) == 0
     finally:
         p.stop()
+
+
+class _SlowHeaders:
+    """Awaits in requestheaders, so a large body has fully arrived (and paused the client
+    connection) before the engine forwards it."""
+    name = "slow_headers"
+
+    async def requestheaders(self, flow):
+        await asyncio.sleep(0.2)
+
+
+async def test_large_body_that_arrived_whole_does_not_stall_the_next_request(certs, upstream):
+    eng = await start_proxy(certs, upstream[1], addon_objects=[_SlowHeaders()])
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", eng.port)
+        body = b"x" * 300_000
+        writer.write(b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+        await writer.drain()
+        seen = b""
+        while b'"length": 300000' not in seen:  # the first answer, then the next request
+            chunk = await asyncio.wait_for(reader.read(65536), 3)
+            assert chunk, f"connection closed early: {seen[-300:]!r}"
+            seen += chunk
+        writer.write(b"GET /jmap/second HTTP/1.1\r\nHost: t\r\n\r\n")
+        await writer.drain()
+        while seen.count(b"HTTP/1.1 200") < 2:
+            chunk = await asyncio.wait_for(reader.read(65536), 3)
+            assert chunk, f"connection closed early: {seen[-300:]!r}"
+            seen += chunk
+        assert b'"length": 300000' in seen and b"/jmap/second" in seen
+        writer.close()
+    finally:
+        await eng.stop(drain_timeout=0)
+
+
+class _RefuseInResponseHeaders:
+    name = "refuse_late"
+    security = True
+
+    def responseheaders(self, flow):
+        from proxy.errors import Forbidden
+        raise Forbidden("not this answer")
+
+
+class _BufferSmall:
+    name = "buffer_small"
+
+    def responseheaders(self, flow):
+        flow.response.want_body(1000)
+
+
+async def test_refusal_in_responseheaders_answers_and_does_not_leak_the_connection(certs, upstream, client):
+    eng = await start_proxy(certs, upstream[1], addon_objects=[_RefuseInResponseHeaders()])
+    try:
+        for _ in range(3):
+            async with client.get(f"http://127.0.0.1:{eng.port}/download/200000") as r:
+                assert r.status == 403
+        await asyncio.sleep(0.1)
+        assert all(v["open"] <= 1 for v in eng.pool.stats().values())
+    finally:
+        await eng.stop(drain_timeout=0)
+
+
+async def test_upstream_answer_over_a_buffering_cap_is_502(certs, upstream, client):
+    eng = await start_proxy(certs, upstream[1], addon_objects=[_BufferSmall()])
+    try:
+        async with client.get(f"http://127.0.0.1:{eng.port}/download/5000") as r:
+            assert r.status == 502
+            assert (await r.json())["type"].endswith("upstream_response_too_large")
+    finally:
+        await eng.stop(drain_timeout=0)

@@ -3,14 +3,20 @@ the JMAP error -> HTTP table, answer shaping, the cache; then the addon's own an
 errors, OpenAPI, body caps) through a real AddonManager."""
 from __future__ import annotations
 
+import base64
+import contextlib
+from typing import AsyncIterator
+
 import orjson
 import pytest
 from multidict import CIMultiDict
 
-from addons.rest_facade import RestFacade
+from addons.jmap_guard import JmapGuard, account_path
+from addons.rest_facade import RestFacade, RestFacadeOptions
+from addons.upstream_identity import UpstreamIdentity
 from proxy import rest
 from proxy.addonmanager import AddonManager
-from proxy.config import load_config
+from proxy.config import Config, StalwartOptions, load_config
 from proxy.errors import (BadGateway, BadRequest, Forbidden, InternalError, NotFound, PayloadTooLarge,
                           ProxyError, TooManyRequests, Unauthorized, to_response)
 from proxy.flow import Flow, Request
@@ -18,6 +24,10 @@ from proxy.identity import Identity
 from proxy.metrics import Metrics
 from proxy.openapi import document
 from proxy.rest import (Address, Attachment, Draft, ListQuery, Mailbox, Patch, Responses)
+from proxy.target import Target
+from proxy.tls import ClientTLS
+from proxy.upstream import UpstreamPool
+from tests.stalwart_double import StalwartDouble, serve
 
 ACCT = "a"
 BOXES = (
@@ -623,3 +633,210 @@ async def test_json_bodies_are_capped(facade):
     other = make_flow("POST", "/jmap/", length=10)
     await facade.run("requestheaders", other)
     assert other.request.body_cap is None
+
+
+# ---------------------------------------------------------------------------- streamed attachments
+@pytest.mark.parametrize("header, media", [
+    ("", "application/octet-stream"),
+    ("Application/PDF", "application/pdf"),
+    ("text/plain; charset=utf-8", "text/plain"),
+])
+def test_upload_type(header, media):
+    assert rest.upload_type(header) == media
+
+
+@pytest.mark.parametrize("header", ["text", "text/plain/x", "a b/c", "text/\u00e9"])
+def test_upload_type_refusals(header):
+    with pytest.raises(BadRequest):
+        rest.upload_type(header)
+
+
+@pytest.mark.parametrize("name, segment", [
+    ("report.pdf", "report.pdf"),
+    ("a/b\\c.txt", "a_b_c.txt"),
+    ("x\r\ny\x00", "x__y_"),
+    ("..", "attachment"),
+    (".", "attachment"),
+    ("", "attachment"),
+    (None, "attachment"),
+    ("résumé (1).bin", "résumé (1).bin"),
+])
+def test_download_name_is_one_plain_segment(name, segment):
+    assert rest.download_name(name) == segment
+    path = rest.url_path(rest.expand("/jmap/download/{accountId}/{blobId}/{name}", accountId="a", blobId="G1",
+                                     name=rest.download_name(name)))
+    # what the JMAP guard checks on the rewritten flow: no dot segment, no encoded slash
+    assert account_path(path, "/jmap") == ("download", "a")
+
+
+def test_rewritten_headers_keep_only_forwarding_and_credentials():
+    client = CIMultiDict([("X-Forwarded-For", "10.0.0.1"), ("X-Forwarded-Proto", "https"),
+                          ("Authorization", "Bearer t"), ("Cookie", "s=1"), ("Range", "bytes=0-1"),
+                          ("Content-Type", "text/evil"), ("If-None-Match", "*")])
+    assert rest.rewritten_headers(client, [("Content-Type", "text/plain")]) == [
+        ("X-Forwarded-For", "10.0.0.1"), ("X-Forwarded-Proto", "https"), ("Authorization", "Bearer t"),
+        ("Content-Type", "text/plain")]
+
+
+@pytest.mark.parametrize("status, body, size, expected", [
+    (201, {"accountId": "a", "blobId": "G1", "type": "Image/PNG", "size": 5}, 5,
+     {"blobId": "G1", "type": "image/png", "size": 5}),
+    (200, {"blobId": "G1"}, 7, {"blobId": "G1", "type": "text/plain", "size": 7}),  # Cyrus-style 200, no type
+    (201, {"blobId": "G1", "type": "no type", "size": True}, 3, {"blobId": "G1", "type": "application/octet-stream",
+                                                                  "size": 3}),
+])
+def test_upload_result(status, body, size, expected):
+    assert rest.upload_result(status, {}, orjson.dumps(body), "text/plain", size) == expected
+
+
+@pytest.mark.parametrize("status, headers, body, cls, jmap_type", [
+    (201, {}, b"not json", BadGateway, None),
+    (201, {}, b'{"size": 1}', BadGateway, None),
+    (400, {"Content-Type": "application/problem+json"},
+     b'{"type": "urn:ietf:params:jmap:error:limit", "limit": "maxSizeUpload", "title": "Limit", "status": 400}',
+     rest.UpstreamProblem, "urn:ietf:params:jmap:error:limit"),
+    (401, {}, b"", BadGateway, None),
+    (413, {}, b"", PayloadTooLarge, None),
+    (503, {"Retry-After": "7"}, b"", rest.Unavailable, None),
+])
+def test_upload_errors_map_through_the_table(status, headers, body, cls, jmap_type):
+    with pytest.raises(cls) as e:
+        rest.upload_result(status, headers, body, "text/plain", 1)
+    assert type(e.value) is cls
+    assert problem_of(e.value).get("jmapType") == jmap_type
+    if status == 503:
+        assert e.value.headers["Retry-After"] == "7"
+
+
+@pytest.mark.parametrize("status, cls, jmap_type", [
+    (404, NotFound, "blobNotFound"),
+    (403, BadGateway, None),
+    (429, TooManyRequests, None),
+])
+def test_download_error(status, cls, jmap_type):
+    err = rest.download_error(status, {}, b"")
+    assert type(err) is cls and problem_of(err).get("jmapType") == jmap_type
+
+
+def test_download_headers_replace_the_mail_servers():
+    upstream = CIMultiDict([("Content-Type", "text/html"), ("Content-Length", "10"), ("Server", "Stalwart"),
+                            ("Content-Disposition", "inline"), ("ETag", '"x"'), ("Set-Cookie", "a=b")])
+    assert rest.download_headers("application/pdf", "a.pdf", upstream) == [
+        ("Content-Type", "application/pdf"),
+        ("Content-Disposition", "attachment; filename=\"a.pdf\"; filename*=UTF-8''a.pdf"),
+        ("X-Content-Type-Options", "nosniff"), ("Content-Security-Policy", "default-src 'none'; sandbox"),
+        ("Cache-Control", "private, no-store"), ("Content-Length", "10")]
+
+
+async def test_upload_with_a_length_streams_and_chunked_is_capped(facade):
+    sized = make_flow("POST", "/api/v1/mail/attachments", length=10 << 20)
+    await facade.run("requestheaders", sized)
+    assert sized.request.body_cap is None  # never buffered: the engine streams it upstream
+    small = make_flow("POST", "/api/v1/mail/attachments", length=1 << 20)
+    await facade.run("requestheaders", small)
+    assert small.request.body_cap == RestFacadeOptions().max_upload  # small: buffered, hashed by the signer
+    chunked = make_flow("POST", "/api/v1/mail/attachments")
+    chunked.request.chunked = True
+    await facade.run("requestheaders", chunked)
+    assert chunked.request.body_cap == RestFacadeOptions().max_upload
+
+
+# ---------------------------------------------------------------------------- the rewrite, against the double
+@contextlib.asynccontextmanager
+async def chain(double: StalwartDouble) -> AsyncIterator[tuple[AddonManager, UpstreamPool, Target]]:
+    """jmap_guard, rest_facade and upstream_identity in a real AddonManager, the engine's pool as
+    the loader's fetch, the Stalwart double behind it."""
+    async with serve(double) as base:
+        cfg = Config(stalwart=StalwartOptions(url=base, allow_insecure=True), addons={
+            "upstream_identity": {"mode": "impersonate", "impersonator": "proxy", "secret": "proxypw"}})
+        metrics = Metrics()
+        mgr = AddonManager(cfg, metrics)
+        pool = UpstreamPool(ClientTLS.from_files(cert=None, key=None, ca=None), cfg.stalwart, metrics)
+        mgr.fetcher = pool.fetch
+        await mgr.add(JmapGuard(), RestFacade(), UpstreamIdentity())
+        try:
+            yield mgr, pool, cfg.default_target()
+        finally:
+            await mgr.done()
+            await pool.close()
+
+
+def upload_flow(target: Target, body: bytes, ctype: str = "text/plain") -> Flow:
+    f = Flow(Request("POST", "/api/v1/mail/attachments",
+                     CIMultiDict({"Content-Type": ctype, "Cookie": "s=1", "X-Forwarded-For": "10.0.0.9"})),
+             id="r1", upstream=target)
+    f.request.content_length = len(body)
+    f.identity = Identity(subject="alice", email="alice@example.com")
+    return f
+
+
+async def cycle(mgr: AddonManager, pool: UpstreamPool, flow: Flow, body: bytes) -> None:
+    """The engine's request cycle by hand: request hooks, forward what they let through (the body
+    as the engine would stream it), response hooks."""
+    await mgr.run("requestheaders", flow)
+    await mgr.run("request", flow)
+    assert flow.response is None and flow.request.body is None
+    h = [(k, v) for k, v in flow.request.headers.items()]
+    flow.response = await pool.fetch(flow.upstream, flow.request.method, flow.request.target, headers=h, body=body)
+    await mgr.run("responseheaders", flow)
+    await mgr.run("response", flow)
+
+
+async def test_upload_is_rewritten_to_the_users_upload_url():
+    double = StalwartDouble()
+    async with chain(double) as (mgr, pool, target):
+        flow = upload_flow(target, b"hello")
+        await cycle(mgr, pool, flow, b"hello")
+        assert flow.response.status == 201 and flow.response.headers["Content-Type"] == "application/json"
+        doc = orjson.loads(flow.response.body)
+        assert doc == {"blobId": doc["blobId"], "type": "text/plain", "size": 5}
+        assert double.blobs[("a", doc["blobId"])] == ("text/plain", b"hello")
+        (sent,) = double.seen("/jmap/upload/")
+        assert sent.target == "/jmap/upload/a/" and sent.body == b"hello"
+        assert sent.headers["Content-Type"] == "text/plain"
+        assert sent.headers["Authorization"] == \
+            "Basic " + base64.b64encode(b"alice@example.com%proxy:proxypw").decode()
+        assert "Cookie" not in sent.headers and sent.headers["X-Forwarded-For"] == "10.0.0.9"
+
+
+async def test_upload_over_the_sessions_limit_never_goes_upstream():
+    double = StalwartDouble()
+    double.limits["maxSizeUpload"] = 4
+    async with chain(double) as (mgr, pool, target):
+        flow = upload_flow(target, b"hello")
+        await mgr.run("requestheaders", flow)
+        with pytest.raises(PayloadTooLarge) as e:
+            await mgr.run("request", flow)
+        assert problem_of(e.value)["limit"] == "maxSizeUpload"
+        assert double.seen("/jmap/upload/") == []
+
+
+async def test_upload_refused_upstream_maps_through_the_table():
+    double = StalwartDouble()
+    async with chain(double) as (mgr, pool, target):
+        await cycle(mgr, pool, upload_flow(target, b"x"), b"x")  # the session (50 MB limit) is cached now
+        double.limits["maxSizeUpload"] = 4
+        with pytest.raises(rest.UpstreamProblem) as e:
+            await cycle(mgr, pool, upload_flow(target, b"hello"), b"hello")
+        doc = problem_of(e.value)
+        assert doc["status"] == 400 and doc["jmapType"] == "urn:ietf:params:jmap:error:limit"
+        assert doc["limit"] == "maxSizeUpload"
+
+
+class ForeignUploadUrl(StalwartDouble):
+    """A server whose session's uploadUrl names another account outright (no {accountId})."""
+
+    def session(self, u):
+        doc = super().session(u)
+        doc["uploadUrl"] = doc["uploadUrl"].replace("{accountId}", "b")
+        return doc
+
+
+async def test_the_guard_checks_the_rewritten_path():
+    double = ForeignUploadUrl()
+    async with chain(double) as (mgr, pool, target):
+        flow = upload_flow(target, b"hello")
+        await mgr.run("requestheaders", flow)
+        with pytest.raises(Forbidden):
+            await mgr.run("request", flow)
+        assert double.seen("/jmap/upload/") == []
