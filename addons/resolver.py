@@ -2,8 +2,8 @@
 
 It runs in `requestheaders`, right after policy and before the JMAP guard, which fetches the
 user's session from flow.upstream. It sets flow.upstream to the route's primary server and puts
-the route's fallbacks (Targets) in flow.metadata["routing.fallbacks"]; only the primary is used
-for now (failing over on a connect error is not implemented).
+the route's fallbacks (Targets) in flow.metadata["routing.fallbacks"]; the engine fails over to
+them when the primary is unhealthy, ejected or unreachable (proxy/health.py, docs/reliability.md).
 
 Answers of its own:
 - 403 `no_route`: the user's tenant (or region) has no server configured, or, in tenant mode, the

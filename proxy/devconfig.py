@@ -52,6 +52,9 @@ def dev_base() -> dict[str, Any]:
             "client_cert": str(CERTS / "client.crt"),
             "client_key": str(CERTS / "client.key"),
             "ca_cert": str(CERTS / "ca.crt"),
+            # Cyrus has no /healthz/ready: an unauthenticated /jmap/ answering 401 means it is up
+            "health_path": "/jmap/",
+            "health_status": 401,
         },
         "addons": {
             "auth": {"jwt": {"issuer": [DEV_ISSUER], "audience": [DEV_AUDIENCE],
