@@ -123,6 +123,9 @@ def _loop_runner():
 
 
 def cmd_run(ns: argparse.Namespace) -> int:
+    # a SIGHUP before the reload handler is installed must not kill a starting proxy (or worker:
+    # the disposition is inherited; a worker reads the newest configuration as it starts anyway)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     cfg = build_config(ns)
     _setup_logging(cfg.log_level)
 

@@ -42,9 +42,8 @@ async def until_ready(client, admin: str) -> dict:
     raise AssertionError(f"not ready: {body}")
 
 
-def requests_total(text: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("sge_proxy_requests_total{"))
+def metric(text: str, prefix: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
 
 
 async def test_two_workers_share_the_port_and_their_metrics_add_up(certs, upstream, tmp_path):
@@ -70,7 +69,7 @@ async def test_two_workers_share_the_port_and_their_metrics_add_up(certs, upstre
             assert await asyncio.gather(*(one(n) for n in range(60))) == [200] * 60
             async with client.get(admin + "/metrics") as r:
                 text = await r.text()
-            assert requests_total(text) == 60  # summed across the workers
+            assert metric(text, "sge_proxy_requests_total{") == 60  # summed across the workers
             assert "sge_proxy_workers 2.0" in text
             for _ in range(100):  # the access logs are flushed every 200 ms
                 lines = [json.loads(x) for x in access.read_text().splitlines()] if access.exists() else []
@@ -85,6 +84,15 @@ async def test_two_workers_share_the_port_and_their_metrics_add_up(certs, upstre
                 body = await r.json()
                 assert r.status == 200, body
             assert [w["status"] for w in body["workers"]] == ["reloaded", "reloaded"]
+            # so does SIGHUP, forwarded to each worker
+            p.proc.send_signal(signal.SIGHUP)
+            for _ in range(200):
+                async with client.get(admin + "/metrics") as r:
+                    reloads = metric(await r.text(), 'sge_proxy_config_reloads_total{result="ok"}')
+                if reloads == 4:
+                    break
+                await asyncio.sleep(0.05)
+            assert reloads == 4
 
             # a worker killed outright is restarted; the port keeps being served meanwhile (once
             # it is gone: connections the kernel had queued for it die with it)
