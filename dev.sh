@@ -52,23 +52,8 @@ setup() {
     touch "$VENV/.installed"
   fi
   "$PY" -m proxy.devcerts --dir "$HERE/certs-dev" >/dev/null
-  # the shared rate-limit store: a private redis-server on 127.0.0.1:16379 (never the system one;
-  # the tests also start their own on free ports). Left running, like the JMAP stack.
+  # redis-server for the shared rate-limit tests (each test starts its own on a free port)
   apt_install redis-server
-  if ! redis-cli -p 16379 ping 2>/dev/null | grep -q PONG; then
-    local rdir=/var/lib/sge-redis-dev
-    say "starting a private redis-server on 127.0.0.1:16379"
-    mkdir -p "$rdir"
-    redis-server --bind 127.0.0.1 --port 16379 --dir "$rdir" --pidfile "$rdir/redis.pid" \
-      --logfile "$rdir/redis.log" --save '' --appendonly no --daemonize yes >/dev/null
-    local i
-    for i in $(seq 50); do
-      redis-cli -p 16379 ping 2>/dev/null | grep -q PONG && break
-      sleep 0.1
-    done
-    redis-cli -p 16379 ping 2>/dev/null | grep -q PONG \
-      || die "the private redis-server on 127.0.0.1:16379 did not answer (log: $rdir/redis.log)"
-  fi
   if [[ ${NO_STACK:-0} != 1 ]]; then
     say "starting the JMAP stack (Cyrus behind nginx mTLS)"
     PYTHON="$PY" CERTS_DIR="$HERE/certs-dev" bash tests/e2e/stack/setup.sh >/tmp/sge-stack-setup.log 2>&1 \
