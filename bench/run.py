@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Side-by-side benchmark: the naive baseline, nginx, and this proxy (plain and full chain).
 
-    python bench/run.py [--duration 10] [--runs 2] [--only naive,nginx,plain,full]
-                        [--workloads get2k,jmap,get1m] [--out docs-table.md]
+    python bench/run.py [--duration 10] [--runs 2] [--only naive,nginx,plain,full,plain-w1,plain-w2]
+                        [--workloads get2k,jmap,get1m,upload1g] [--upload-mib 1024] [--out docs-table.md]
 
 One nginx upstream (TLS 1.3, client certificate required) on the load core with wrk; each proxy
-alone on the proxy core. Every cell starts the proxy, probes it once, warms up, measures, stops it.
-Rounds are interleaved so that all rows share the machine's noise; only same-run ratios mean
-anything. See bench/README.md.
+alone on the proxy core (plain-w1 and plain-w2, the workers comparison, on both cores). Every cell
+starts the proxy, probes it once, warms up, measures, stops it. The upload1g cells stream one 1 GiB
+body through the proxy to upload_upstream.py and sample the proxy's RSS meanwhile. Rounds are
+interleaved so that all rows share the machine's noise; only same-run ratios mean anything.
+See bench/README.md.
 """
 from __future__ import annotations
 
@@ -58,6 +60,7 @@ class Workload:
     connections: int
     min_bytes: int  # a smaller mean response (headers included) means the proxy answered something else
     script: Path | None = None  # wrk Lua script (method, body, content type)
+    upload: bool = False  # not wrk: one client streams UPLOAD_MIB through the proxy to upload_upstream.py
 
 
 WORKLOADS = (
@@ -66,7 +69,13 @@ WORKLOADS = (
              BENCH / "wrk" / "jmap.lua"),
     Workload("get1m", "GET 1 MiB blob (/jmap/download/...), 16 connections", "GET",
              f"/jmap/download/{ACCOUNT_ID}/Gbench1mib/large.bin?accept=application/octet-stream", 16, 1_000_000),
+    Workload("upload1g", "POST 1 GiB upload (/jmap/upload/b/), one client", "POST",
+             f"/jmap/upload/{ACCOUNT_ID}/", 1, 0, upload=True),
 )
+
+UPLOAD_CHUNK = 1 << 20
+FLAT_MIB = 30.0  # "RSS flat across the upload": peak minus start below this
+WORKERS_TARGET = 1.8  # plain-w2 / plain-w1 on get2k
 
 
 @dataclass(frozen=True)
@@ -75,14 +84,25 @@ class ProxyKind:
     title: str
     workloads: tuple[str, ...]  # the workloads this row is measured on
     ours: bool = False
+    workers: int = 1  # SGE_WORKERS
+    all_cores: bool = False  # pinned to every core of the harness's mask (shared with wrk and the upstream)
+
+    @property
+    def config(self) -> str:
+        return "full" if self.name == "full" else "plain"
 
 
 PROXIES = (
-    ProxyKind("naive", "naive_proxy.py (aiohttp, uvloop)", ("get2k", "jmap", "get1m")),
+    ProxyKind("naive", "naive_proxy.py (aiohttp, uvloop)", ("get2k", "jmap", "get1m", "upload1g")),
     ProxyKind("nginx", "nginx reverse proxy, 1 worker", ("get2k", "jmap", "get1m")),
-    ProxyKind("plain", "sge-mail-proxy, plain forwarding", ("get2k", "jmap", "get1m"), ours=True),
+    ProxyKind("plain", "sge-mail-proxy, plain forwarding", ("get2k", "jmap", "get1m", "upload1g"), ours=True),
     # the full chain only lets JMAP paths through (path allow-list): no /small.json cell
-    ProxyKind("full", "sge-mail-proxy, full default chain", ("jmap", "get1m"), ours=True),
+    ProxyKind("full", "sge-mail-proxy, full default chain", ("jmap", "get1m", "upload1g"), ours=True),
+    # the workers comparison: both on every core, so each shares the load core with wrk and the upstream
+    ProxyKind("plain-w1", "sge-mail-proxy, plain, 1 process, both cores", ("get2k",), ours=True,
+              all_cores=True),
+    ProxyKind("plain-w2", "sge-mail-proxy, plain, --workers 2, both cores", ("get2k",), ours=True,
+              workers=2, all_cores=True),
 )
 
 
@@ -96,6 +116,10 @@ class Cell:
     non2xx: int = 0
     socket_errors: int = 0
     rss_mib: float = 0.0
+    # upload cells: the proxy tree's summed VmRSS before, at most during, and after the body; MiB/s
+    rss_start: float = 0.0
+    rss_end: float = 0.0
+    mib_s: float = 0.0
     failed: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -128,10 +152,10 @@ def mailbox_get_answer(size: int = 2200) -> bytes:
     return json.dumps(doc, separators=(",", ":")).encode()
 
 
-def session_resource(base: str) -> bytes:
+def session_resource(base: str, max_upload: int = 50000000) -> bytes:
     """The JMAP session (RFC 8620 §2) naming ACCOUNT_ID as the user's primary mail account."""
     caps = {"urn:ietf:params:jmap:core": {
-        "maxSizeUpload": 50000000, "maxConcurrentUpload": 4, "maxSizeRequest": 10000000,
+        "maxSizeUpload": max_upload, "maxConcurrentUpload": 4, "maxSizeRequest": 10000000,
         "maxConcurrentRequests": 4, "maxCallsInRequest": 16, "maxObjectsInGet": 500,
         "maxObjectsInSet": 500, "collationAlgorithms": ["i;ascii-numeric", "i;ascii-casemap"]},
         "urn:ietf:params:jmap:mail": {}}
@@ -203,12 +227,19 @@ def process_tree(pid: int) -> list[int]:
     return out
 
 
+def tree_rss_kib(pid: int) -> int:
+    """The summed VmRSS of pid and its descendants, in KiB."""
+    return sum(_status_kib(p, "VmRSS:") for p in process_tree(pid))
+
+
 class RssSampler:
     """Peak resident memory of a process tree: the sum of VmRSS sampled every 100 ms, and the sum
-    of VmHWM (each process's own peak) read at the end; the larger of the two is reported."""
+    of VmHWM (each process's own peak) read at the end; the larger of the two is reported.
+    `sampled_peak_kib` is the sampled figure alone (the upload cells' peak: VmHWM would include
+    whatever the proxy reached before the sampler started)."""
 
     def __init__(self, pid: int) -> None:
-        self.pid, self.peak_kib = pid, 0
+        self.pid, self.peak_kib, self.sampled_peak_kib = pid, 0, 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -224,7 +255,8 @@ class RssSampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            rss = sum(_status_kib(p, "VmRSS:") for p in process_tree(self.pid))
+            rss = tree_rss_kib(self.pid)
+            self.sampled_peak_kib = max(self.sampled_peak_kib, rss)
             self.peak_kib = max(self.peak_kib, rss)
             self._stop.wait(0.1)
 
@@ -365,6 +397,31 @@ def probe(port: int, w: Workload, token: str) -> tuple[int, bytes]:
         conn.close()
 
 
+def upload(port: int, path: str, token: str, nbytes: int) -> tuple[int, bytes, float]:
+    """POST nbytes (Content-Length, sent in 1 MiB writes of one reused buffer) and read the answer.
+    Returns (status, body, seconds from the first byte sent to the whole answer read)."""
+    chunk = memoryview(os.urandom(UPLOAD_CHUNK))
+
+    def body():
+        left = nbytes
+        while left > 0:
+            n = min(left, UPLOAD_CHUNK)
+            yield chunk[:n]
+            left -= n
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        t0 = time.perf_counter()
+        conn.request("POST", path, body=body(), headers={
+            "Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream",
+            "Content-Length": str(nbytes)})
+        resp = conn.getresponse()
+        data = resp.read()
+        return resp.status, data, time.perf_counter() - t0
+    finally:
+        conn.close()
+
+
 # ---------------------------------------------------------------- the bench
 
 class Bench:
@@ -376,6 +433,7 @@ class Bench:
         self.single_core = len(cpus) < 2
         self.token = mint_jwt()
         self.upstream_port = 0
+        self.upload_port = 0  # upload_upstream.py, the upstream of the upload cells
         self.workloads = {w.name: w for w in WORKLOADS}
 
     # -- the upstream
@@ -416,11 +474,29 @@ class Bench:
         finally:
             conn.close()
 
+    def start_upload_upstream(self) -> None:
+        """bench/upload_upstream.py on the load core: reads each upload to its end, then answers."""
+        prefix = self.tmp / "upload-upstream"
+        prefix.mkdir()
+        self.upload_port = free_port()
+        session = prefix / "session.json"
+        session.write_bytes(session_resource(f"https://127.0.0.1:{self.upload_port}",
+                                             max_upload=2 * self.args.upload_mib << 20))
+        log = prefix / "stdout.log"
+        p = self.procs.start(["taskset", "-c", str(self.load_cpu), PY, str(BENCH / "upload_upstream.py"),
+                              str(self.upload_port), str(CERTS), str(session)], log=log)
+        try:
+            wait_listening(self.upload_port, p)
+        except RuntimeError as e:
+            raise SystemExit(f"upload upstream did not start ({e}): {log_reason(log)}")
+
     # -- one proxy process
-    def launch(self, kind: ProxyKind, cell_dir: Path) -> tuple[subprocess.Popen, int, Path]:
+    def launch(self, kind: ProxyKind, cell_dir: Path, upstream_port: int) -> tuple[subprocess.Popen, int, Path]:
         port = free_port()
-        pin = ["taskset", "-c", str(self.proxy_cpu)]
-        upstream = f"https://127.0.0.1:{self.upstream_port}"
+        cores = sorted(os.sched_getaffinity(0) | {self.proxy_cpu, self.load_cpu}) if kind.all_cores else [
+            self.proxy_cpu]
+        pin = ["taskset", "-c", ",".join(map(str, cores))]
+        upstream = f"https://127.0.0.1:{upstream_port}"
         log = cell_dir / "proxy.log"
         # the proxy's own variables from the caller's shell must not leak into a row
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SGE_", "STALWART_"))}
@@ -446,16 +522,70 @@ class Bench:
                 "SGE_ADMIN_LISTEN": f"127.0.0.1:{free_port()}",
                 "SGE_PUBLIC_URL": f"http://127.0.0.1:{port}",
                 "SGE_ACCESS_LOG": str(cell_dir / "access.log"),
+                "SGE_WORKERS": str(kind.workers),
             })
-            if kind.name == "plain":
+            if kind.config == "plain":
                 env["SGE_CHAIN"] = ""  # plain forwarding: no addons
-            argv = pin + [PY, "-m", "proxy.cli", "run", "--config", str(BENCH / "configs" / f"{kind.name}.yaml")]
+            argv = pin + [PY, "-m", "proxy.cli", "run", "--config", str(BENCH / "configs" / f"{kind.config}.yaml")]
         return self.procs.start(argv, log=log, env=env), port, log
 
-    def cell(self, kind: ProxyKind, w: Workload, rnd: int) -> Cell:
+    def upload_cell(self, kind: ProxyKind, w: Workload, rnd: int) -> Cell:
+        """One client streams the upload through the proxy; the proxy tree's RSS is sampled
+        every 100 ms meanwhile."""
         cell_dir = self.tmp / f"r{rnd}-{kind.name}-{w.name}"
         cell_dir.mkdir()
-        proc, port, log = self.launch(kind, cell_dir)
+        proc, port, log = self.launch(kind, cell_dir, self.upload_port)
+        nbytes = self.args.upload_mib << 20
+        try:
+            try:
+                wait_listening(port, proc)
+            except RuntimeError as e:
+                return Cell(failed=f"{e}: {log_reason(log)}")
+            try:  # a 1 MiB upload first: the failure shows before a GiB goes nowhere, and pools warm up
+                status, body, _ = upload(port, w.path, self.token, UPLOAD_CHUNK)
+            except (OSError, http.client.HTTPException) as e:
+                return Cell(failed=f"probe: {type(e).__name__}: {e}"[:160])
+            if status != 201:
+                detail = body[:120].decode(errors="replace").replace("\n", " ").replace("|", "/")
+                return Cell(failed=f"probe answered {status}: {detail}")
+            time.sleep(0.3)
+            start = tree_rss_kib(proc.pid)
+            with RssSampler(proc.pid) as rss:
+                try:
+                    status, body, seconds = upload(port, w.path, self.token, nbytes)
+                except (OSError, http.client.HTTPException) as e:
+                    return Cell(failed=f"upload: {type(e).__name__}: {e}"[:160])
+                time.sleep(0.3)
+                end = tree_rss_kib(proc.pid)
+            if proc.poll() is not None:
+                return Cell(failed=f"exited rc={proc.returncode} under load: {log_reason(log)}")
+            if status != 201:
+                detail = body[:120].decode(errors="replace").replace("\n", " ").replace("|", "/")
+                return Cell(failed=f"upload answered {status}: {detail}")
+            cell = Cell(rps=1 / seconds, requests=1, mib_s=nbytes / (1 << 20) / seconds,
+                        rss_start=start / 1024, rss_end=end / 1024,
+                        rss_mib=max(rss.sampled_peak_kib, start, end) / 1024)
+            try:
+                got = json.loads(body).get("size")
+            except (ValueError, AttributeError):
+                got = None
+            if got != nbytes:
+                cell.notes.append(f"upstream received {got} bytes, not {nbytes}")
+            if kind.ours:
+                access = cell_dir / "access.log"
+                if not access.exists() or access.stat().st_size == 0:
+                    cell.notes.append("access log empty")
+            return cell
+        finally:
+            self.procs.stop(proc)
+            (cell_dir / "access.log").unlink(missing_ok=True)
+
+    def cell(self, kind: ProxyKind, w: Workload, rnd: int) -> Cell:
+        if w.upload:
+            return self.upload_cell(kind, w, rnd)
+        cell_dir = self.tmp / f"r{rnd}-{kind.name}-{w.name}"
+        cell_dir.mkdir()
+        proc, port, log = self.launch(kind, cell_dir, self.upstream_port)
         try:
             try:
                 wait_listening(port, proc)
@@ -498,7 +628,7 @@ class Bench:
                         continue
                     c = self.cell(kind, self.workloads[wname], rnd)
                     results.setdefault((kind.name, wname), []).append(c)
-                    print(f"round {rnd} {kind.name:6} {wname:6} {_brief(c)}", flush=True)
+                    print(f"round {rnd} {kind.name:8} {wname:8} {_brief(c)}", flush=True)
         return results
 
 
@@ -521,6 +651,10 @@ def _tail(path: Path) -> str:
 def _brief(c: Cell) -> str:
     if c.failed:
         return f"FAILED {c.failed}"
+    if c.mib_s:
+        note = f"  ({'; '.join(c.notes)})" if c.notes else ""
+        return (f"{c.mib_s:8,.0f} MiB/s  rss start {c.rss_start:.0f} peak {c.rss_mib:.0f} end {c.rss_end:.0f} MiB"
+                f"{note}")
     err = f"  ERRORS non2xx={c.non2xx} socket={c.socket_errors}" if c.errors else ""
     note = f"  ({'; '.join(c.notes)})" if c.notes else ""
     return f"{c.rps:10,.0f} req/s  p50 {c.p50_ms:6.2f} ms  p99 {c.p99_ms:6.2f} ms  rss {c.rss_mib:5.0f} MiB{err}{note}"
@@ -538,7 +672,7 @@ def tables(results: dict[tuple[str, str], list[Cell]], kinds: list[ProxyKind], w
     out = []
     rounds = " / ".join(f"r{i}" for i in range(1, runs + 1))
     for w in WORKLOADS:
-        if w.name not in workloads:
+        if w.name not in workloads or w.upload:
             continue
         rows = [k for k in kinds if (k.name, w.name) in results]
         if not rows:
@@ -571,8 +705,64 @@ def tables(results: dict[tuple[str, str], list[Cell]], kinds: list[ProxyKind], w
                        f"{'; '.join(errs) or 'none'} |" if mean is not None else
                        f"| {k.title} | {rps} | — | — | {p50} | {p99} | {rss} | {'; '.join(errs)} |")
         out.append("")
+    out += upload_table(results, kinds, workloads, runs)
+    out += workers_table(results)
     out += targets(results)
     return "\n".join(out)
+
+
+def _growth(c: Cell) -> float:
+    return c.rss_mib - c.rss_start
+
+
+def upload_table(results: dict[tuple[str, str], list[Cell]], kinds: list[ProxyKind], workloads: list[str],
+                 runs: int) -> list[str]:
+    out: list[str] = []
+    rounds = " / ".join(f"r{i}" for i in range(1, runs + 1))
+    for w in WORKLOADS:
+        if not w.upload or w.name not in workloads:
+            continue
+        rows = [k for k in kinds if (k.name, w.name) in results]
+        if not rows:
+            continue
+        out += [f"### {w.title}: the proxy's RSS", "",
+                "The proxy tree's summed VmRSS just before the body, its sampled maximum (every 100 ms) "
+                "while the body streams, and just after the answer; the round with the larger growth "
+                f"is shown. Flat: peak - start < {FLAT_MIB:.0f} MiB in every round.", "",
+                f"| proxy | MiB/s ({rounds}) | start MiB | peak MiB | end MiB | peak - start | flat | notes |",
+                "|---|--:|--:|--:|--:|--:|---|---|"]
+        for k in rows:
+            cells = results[(k.name, w.name)]
+            ok = [c for c in cells if not c.failed]
+            if not ok:
+                out.append(f"| {k.title} | failed: {cells[0].failed} | | | | | | |")
+                continue
+            worst = max(ok, key=_growth)
+            flat = len(ok) == len(cells) and all(_growth(c) < FLAT_MIB for c in ok)
+            speeds = " / ".join("failed" if c.failed else f"{c.mib_s:,.0f}" for c in cells)
+            notes = [f"r{i} failed: {c.failed}" if c.failed else "" for i, c in enumerate(cells, 1)]
+            notes += [f"r{i}: {n}" for i, c in enumerate(cells, 1) for n in c.notes]
+            out.append(f"| {k.title} | {speeds} | {worst.rss_start:.0f} | {worst.rss_mib:.0f} | "
+                       f"{worst.rss_end:.0f} | {_growth(worst):+.0f} | {'yes' if flat else 'NO'} | "
+                       f"{'; '.join(n for n in notes if n) or 'none'} |")
+        out.append("")
+    return out
+
+
+def workers_table(results: dict[tuple[str, str], list[Cell]]) -> list[str]:
+    w1, w2 = results.get(("plain-w1", "get2k")), results.get(("plain-w2", "get2k"))
+    if not w1 or not w2:
+        return []
+    a, b = _mean_rps(w1), _mean_rps(w2)
+    c = _mean_rps(results.get(("plain", "get2k"), []))
+    ratio = f"{b / a:.2f}x" if a and b else "—"
+    return ["### Workers: plain forwarding, 1 process against --workers 2 (GET 2 KB, 64 connections)", "",
+            "Both rows may run on both cores, which wrk (one thread) and the nginx upstream share with them, "
+            "so a second worker competes with the load generator for the second core. Peak RSS sums the "
+            "supervisor and its workers.", "",
+            f"plain-w2 / plain-w1 = **{ratio}** (target >= {WORKERS_TARGET}x), see the GET 2 KB table for the "
+            "per-round figures." + (f" Against `plain` pinned alone to the proxy core: plain-w2 / plain = "
+                                    f"{b / c:.2f}x, plain-w1 / plain = {a / c:.2f}x." if a and b and c else ""), ""]
 
 
 def targets(results: dict[tuple[str, str], list[Cell]]) -> list[str]:
@@ -606,6 +796,23 @@ def targets(results: dict[tuple[str, str], list[Cell]]) -> list[str]:
             lines.append(f"| {k}: p99 at 64 connections <= 20 ms | not measured | — |")
     ratio_row("plain forwarding, 1 MiB no worse than naive", "plain", "get1m", 1.0)
     ratio_row("full chain, 1 MiB no worse than naive", "full", "get1m", 1.0)
+    for k in ("plain", "full"):
+        cells = results.get((k, "upload1g"), [])
+        label = f"{k}: RSS flat across a 1 GiB upload (peak - start < {FLAT_MIB:.0f} MiB)"
+        if not cells or any(c.failed for c in cells):
+            lines.append(f"| {label} | {'failed' if cells else 'not measured'} | — |")
+            continue
+        worst = max(_growth(c) for c in cells)
+        clean = all(not c.notes for c in cells)
+        lines.append(f"| {label} | {worst:+.0f} MiB{'' if clean else ' (see notes)'} | "
+                     f"{'yes' if worst < FLAT_MIB and clean else 'NO'} |")
+    a, b = mean("plain-w1", "get2k"), mean("plain-w2", "get2k")
+    label = f"2 workers >= {WORKERS_TARGET}x one worker, GET 2 KB (2 cores shared with wrk and the upstream)"
+    if a is None or b is None:
+        lines.append(f"| {label} | not measured | — |")
+    else:
+        ok = b / a >= WORKERS_TARGET and clean("plain-w1", "get2k") and clean("plain-w2", "get2k")
+        lines.append(f"| {label} | {b / a:.2f}x ({b:,.0f} / {a:,.0f} req/s) | {'yes' if ok else 'NO'} |")
     return lines
 
 
@@ -631,6 +838,9 @@ def machine(args: argparse.Namespace, bench: Bench) -> str:
         f"- nginx {nginx_v}, wrk {' '.join(wrk_v)}",
         f"- proxy on core {bench.proxy_cpu}; wrk (-t1) and the nginx upstream on core {bench.load_cpu}"
         + ("  **single core: proxy and load share it, not comparable to the targets**" if bench.single_core else ""),
+        f"- plain-w1 and plain-w2 may use cores {bench.proxy_cpu},{bench.load_cpu} (shared with wrk and the upstream)",
+        f"- upload: {args.upload_mib} MiB from the harness (core {bench.load_cpu}) through the proxy to "
+        f"upload_upstream.py (core {bench.load_cpu})",
         f"- {args.runs} round(s), {args.duration:g} s per cell after a {WARMUP:g} s warm-up; rounds interleaved",
         f"- date {time.strftime('%Y-%m-%d %H:%M %Z')}",
     ]
@@ -670,9 +880,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=10.0, help="seconds measured per cell (default 10)")
     ap.add_argument("--runs", type=int, default=2, help="interleaved rounds (default 2)")
     ap.add_argument("--only", default=",".join(p.name for p in PROXIES),
-                    help="proxies to run, comma-separated: naive,nginx,plain,full (ratios need naive)")
+                    help="proxies to run, comma-separated: naive,nginx,plain,full,plain-w1,plain-w2 "
+                         "(ratios need naive)")
     ap.add_argument("--workloads", default=",".join(w.name for w in WORKLOADS),
-                    help="workloads, comma-separated: get2k,jmap,get1m")
+                    help="workloads, comma-separated: get2k,jmap,get1m,upload1g")
+    ap.add_argument("--upload-mib", type=int, default=1024, help="size of the upload1g body in MiB (default 1024)")
     ap.add_argument("--out", type=Path, help="also write the markdown report here")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (configs, proxy logs) for inspection")
     args = ap.parse_args(argv)
@@ -682,8 +894,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown |= set(wnames) - {w.name for w in WORKLOADS}
     if unknown:
         ap.error(f"unknown names: {', '.join(sorted(unknown))}")
-    if args.runs < 1 or args.duration < 1:
-        ap.error("--runs and --duration must be at least 1")
+    if args.runs < 1 or args.duration < 1 or args.upload_mib < 1:
+        ap.error("--runs, --duration and --upload-mib must be at least 1")
     kinds = [p for p in PROXIES if p.name in names]
     check_prerequisites()
 
@@ -696,6 +908,8 @@ def main(argv: list[str] | None = None) -> int:
         # the harness itself (its RSS sampler included) stays off the proxy's core
         os.sched_setaffinity(0, {bench.load_cpu})
         bench.start_upstream()
+        if any(w in k.workloads for k in kinds for w in wnames if bench.workloads[w].upload):
+            bench.start_upload_upstream()
         print(f"upstream nginx on 127.0.0.1:{bench.upstream_port} (core {bench.load_cpu}); "
               f"proxies on core {bench.proxy_cpu}; temp dir {tmp}", flush=True)
         results = bench.run(kinds, wnames)
