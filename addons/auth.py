@@ -24,6 +24,7 @@ import yaml
 from multidict import CIMultiDict
 
 from proxy.errors import ConfigError, Unauthorized
+from proxy.http1 import scrub_request
 from proxy.identity import Identity
 from proxy.jwks import JwksCache, JwksUnavailable
 from proxy.options import build
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     from proxy.flow import Flow
 
 __all__ = ["Auth", "AuthOptions", "JwtOptions", "JwtKeyOptions", "ApiKeyOptions", "FileKeySource",
-           "credential", "hash_api_key_main", "CHALLENGE"]
+           "credential", "credential_of", "hash_api_key_main", "CHALLENGE"]
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,13 @@ def credential(headers: CIMultiDict, api_header: str | None, bearer_prefix: str,
                max_bytes: int) -> tuple[str, str] | None:
     """("jwt" | "api_key", value) from the request headers, or None when none is presented.
     Pure. A non-Bearer Authorization (Basic, ...) is not ours: it counts as no credential."""
-    authz = headers.getall("Authorization", [])
-    keys = headers.getall(api_header, []) if api_header else []
+    return credential_of(headers.getall("Authorization", []),
+                         headers.getall(api_header, []) if api_header else [], bearer_prefix, max_bytes)
+
+
+def credential_of(authz: list[str], keys: list[str], bearer_prefix: str,
+                  max_bytes: int) -> tuple[str, str] | None:
+    """`credential` on the values of every Authorization and API key header, in order. Pure."""
     if len(authz) > 1 or len(keys) > 1:
         raise AuthFailure("malformed", "repeated credential header")
     bearer = None
@@ -80,6 +86,14 @@ def credential(headers: CIMultiDict, api_header: str | None, bearer_prefix: str,
     if bearer_prefix and bearer.startswith(bearer_prefix):
         return "api_key", bearer
     return "jwt", bearer
+
+
+def _scrub_keeps(name: str) -> bool:
+    """Whether the engine's header scrubbing leaves a header of this name as the client sent it
+    (absent a Connection header): then it can be read from the parser's bytes."""
+    probe = CIMultiDict([(name, "\x00probe"), ("Authorization", "\x00probe")])
+    scrub_request(probe, "", "http")
+    return probe.get(name) == "\x00probe" and probe.get("Authorization") == "\x00probe"
 
 
 # --------------------------------------------------------------------------------------- options
@@ -316,6 +330,7 @@ class Auth:
         self._spawn: Any = None
         self._failures: dict[str, Any] = {}
         self._success: dict[str, Any] = {}
+        self._api_raw: bytes | None = None  # the API key header's lower-cased name, when raw-readable
 
     async def load(self, loader: "Loader") -> None:
         opts: AuthOptions = loader.options
@@ -353,6 +368,7 @@ class Auth:
                 raise ConfigError("addons.auth.api_keys", "no API key is configured and JWT is off",
                                   source=loader.config.source)
         self._public = frozenset(opts.public_paths)
+        self._api_raw = api_o.header.lower().encode("latin-1") if _scrub_keeps(api_o.header) else None
         self._spawn = loader.spawn
         self._opts = opts
         if api_o.secret_path is not None and self._store is not None:
@@ -374,27 +390,60 @@ class Auth:
         if self._jwks is not None and self._jwks.keys is None:
             self._spawn(self._jwks.refresh(), "jwks-prefetch")
 
-    async def requestheaders(self, flow: "Flow") -> None:
+    def requestheaders(self, flow: "Flow") -> Any:
+        """Sets flow.identity or refuses. Returns a coroutine only when a token has to be verified
+        (a cache miss): a cached token or an API key costs no task switch."""
         opts = self._opts
         assert opts is not None, "auth addon used before load"
-        headers = flow.request.headers
+        req = flow.request
         api_header = opts.api_keys.header
+        prefix = opts.api_keys.bearer_prefix if self._store else ""
+        api_raw = self._api_raw
         try:
-            found = credential(headers, api_header, opts.api_keys.bearer_prefix if self._store else "",
-                               opts.jwt.max_token_bytes)
+            if req.headers_read or req.raw_connection or api_raw is None:
+                headers = req.headers
+                try:
+                    found = credential(headers, api_header, prefix, opts.jwt.max_token_bytes)
+                finally:
+                    headers.popall(api_header, None)  # an API key never goes upstream
+            else:  # the parser's bytes hold the same values: no header dict built for this
+                authz: list[str] = []
+                keys: list[str] = []
+                for ln, _, v in req.raw:
+                    if ln == b"authorization":
+                        authz.append(v.decode("latin-1"))
+                    elif ln == api_raw:
+                        keys.append(v.decode("latin-1"))
+                if keys:
+                    req.headers.popall(api_header, None)  # an API key never goes upstream
+                found = credential_of(authz, keys, prefix, opts.jwt.max_token_bytes)
         except AuthFailure as e:
             self._refuse(flow, e)
-        finally:
-            headers.popall(api_header, None)  # an API key never goes upstream
         if found is None:
-            if opts.required and flow.request.path not in self._public:
+            if opts.required and req.path not in self._public:
                 self._refuse(flow, AuthFailure("missing"))
             return
         kind, value = found
         try:
-            ident = self._api_key(value) if kind == "api_key" else await self._jwt(value)
+            if kind == "api_key":
+                ident = self._api_key(value)
+            else:
+                ident = self._cache.get(value, time.time(), self._policy.leeway) if opts.jwt.enabled else None
+                if ident is None:
+                    return self._verified(flow, value)
         except AuthFailure as e:
             self._refuse(flow, e)
+        self._accept(flow, kind, value, ident)
+        return None
+
+    async def _verified(self, flow: "Flow", token: str) -> None:
+        try:
+            ident = await self._jwt(token)
+        except AuthFailure as e:
+            self._refuse(flow, e)
+        self._accept(flow, "jwt", token, ident)
+
+    def _accept(self, flow: "Flow", kind: str, value: str, ident: Identity) -> None:
         flow.identity = ident
         if kind == "jwt":
             flow.client_token = value

@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Hashable
+from typing import TYPE_CHECKING, Any, Hashable
 from urllib.parse import unquote, urljoin, urlsplit
 
 from proxy.cache import SingleFlight, TTLCache
@@ -158,6 +158,7 @@ class JmapGuard:
                                   "Session look-ups by the JMAP guard.", ("result",))
         self._fetches = m.counter("sge_proxy_jmap_session_fetch_total",
                                   "Session resources fetched upstream.", ("result",))
+        self._hits = self._lookups.labels("hit")
 
     def done(self) -> None:
         self._inflight.cancel()
@@ -173,22 +174,37 @@ class JmapGuard:
             self._count(e)
             raise
 
-    async def request(self, flow: "Flow") -> None:
+    def request(self, flow: "Flow") -> Any:
+        """Checks a JMAP API request against the user's session. Returns a coroutine only when
+        the session is not cached yet."""
         if flow.identity is None or not is_api_request(flow, self._jmap_path):
-            return
+            return None
         try:
-            entry = await self._entry(flow)
-            body = flow.request.body
-            if body is None:
-                raise InternalError("The JMAP request body was not buffered; refusing to forward it unchecked.")
-            self._check_size(len(body), entry.session.limits)
-            req = request_of(flow)
-            if req is None:
-                raise InternalError("The JMAP request could not be read.")
-            check_request(req, entry.own, entry.session.limits)
+            entry = self._cached(flow)
+            if entry is None:
+                return self._request_fetching(flow)
+            self._check_api(flow, entry)
         except ProxyError as e:
             self._count(e)
             raise
+        return None
+
+    async def _request_fetching(self, flow: "Flow") -> None:
+        try:
+            self._check_api(flow, await self._entry(flow))
+        except ProxyError as e:
+            self._count(e)
+            raise
+
+    def _check_api(self, flow: "Flow", entry: SessionEntry) -> None:
+        body = flow.request.body
+        if body is None:
+            raise InternalError("The JMAP request body was not buffered; refusing to forward it unchecked.")
+        self._check_size(len(body), entry.session.limits)
+        req = request_of(flow)
+        if req is None:
+            raise InternalError("The JMAP request could not be read.")
+        check_request(req, entry.own, entry.session.limits)
 
     # ------------------------------------------------------------------ for other addons
     async def session_for(self, flow: "Flow") -> Session:
@@ -205,7 +221,7 @@ class JmapGuard:
         parsed = account_path(path, self._jmap_path)
         if parsed is None:
             return
-        if not self._opts.allow_websocket and "websocket" in flow.request.headers.get("Upgrade", "").lower():
+        if not self._opts.allow_websocket and "websocket" in (flow.request.header("Upgrade") or "").lower():
             raise _refused(Forbidden("JMAP over WebSocket is not available through this proxy."), "websocket")
         kind, acct = parsed
         if kind in ("upload", "download"):
@@ -247,15 +263,21 @@ class JmapGuard:
         assert self._loader is not None
         return self._loader.config.default_target()
 
-    async def _entry(self, flow: "Flow") -> SessionEntry:
+    def _cached(self, flow: "Flow") -> SessionEntry | None:
+        """The cached entry of the flow's user on its target (counted as a hit), else None."""
         if flow.identity is None:
             raise Unauthorized("Authentication is required.")
-        target = self._target(flow)
-        key = (flow.identity.subject, target.key)
-        entry = self._cache.get(key)
+        entry = self._cache.get((flow.identity.subject, self._target(flow).key))
         if entry is not None:
-            self._lookups.labels("hit").inc()
+            self._hits.inc()
+        return entry
+
+    async def _entry(self, flow: "Flow") -> SessionEntry:
+        entry = self._cached(flow)
+        if entry is not None:
             return entry
+        target = self._target(flow)
+        key = (flow.identity.subject, target.key)  # type: ignore[union-attr]  # _cached checked it
         # shared by concurrent misses; a client that goes away does not cancel the others' fetch
         return await self._inflight.run(key, lambda: self._load(flow, target, key), label=target.name,
                                         on_join=lambda join: self._lookups.labels(join).inc())

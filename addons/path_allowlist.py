@@ -125,11 +125,16 @@ class PathAllowlist:
     security = True
     Options = PathAllowlistOptions
 
+    CACHE_SIZE = 4096   # paths repeat: their verdicts are remembered (refusal is pure)
+    CACHE_MAX_PATH = 512
+
     def __init__(self) -> None:
         self._rules = PathRules("/jmap")
+        self._verdicts: dict[str, str | None] = {}
 
     def load(self, loader: "Loader") -> None:
         opts: PathAllowlistOptions = loader.options or PathAllowlistOptions()
+        self._verdicts = {}
         self._rules = PathRules(loader.config.stalwart.jmap_path,
                                 tuple(compile_glob(p) for p in opts.extra_paths),
                                 tuple(p.lower() for p in opts.scanner_patterns))
@@ -139,7 +144,16 @@ class PathAllowlist:
             self._refused.labels(r)
 
     def requestheaders(self, flow: "Flow") -> None:
-        reason = self._rules.refusal(flow.request.path)
+        path = flow.request.path
+        verdicts = self._verdicts
+        try:
+            reason = verdicts[path]
+        except KeyError:
+            reason = self._rules.refusal(path)
+            if len(path) <= self.CACHE_MAX_PATH:
+                if len(verdicts) >= self.CACHE_SIZE:
+                    del verdicts[next(iter(verdicts))]
+                verdicts[path] = reason
         if reason is not None:
             self._refused.labels(reason).inc()
             raise NotFound("No such resource.")

@@ -18,7 +18,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import policies
 from proxy import jmap
 from proxy.errors import BadRequest, ConfigError, Forbidden
-from proxy.policy import Decision, Facts, PolicySet, build_set, evaluate, parse_policy
+from proxy.policy import Decision, DecisionCache, Facts, PolicySet, build_set, evaluate, parse_policy
 
 if TYPE_CHECKING:
     from proxy.addonmanager import Loader
@@ -99,6 +99,7 @@ class Policy:
         self._jmap_path = "/jmap"
         self._counter: Any = None
         self._children: dict[tuple[str, str], Any] = {}
+        self._cache = DecisionCache(self.policy_set)  # follows policy_set (see request)
 
     def load(self, loader: "Loader") -> None:
         self._opts = loader.options
@@ -142,23 +143,39 @@ class Policy:
             flow.request.want_body(self._opts.max_body)
 
     def request(self, flow: "Flow") -> None:
-        decision = evaluate(self.policy_set, self.facts(flow))
+        req = flow.request
+        names, using = self._jmap_facts(flow)
+        cache = self._cache
+        if cache.policy_set is not self.policy_set:  # reloaded (or replaced): start afresh
+            cache = self._cache = DecisionCache(self.policy_set)
+        key = cache.key(req.method, req.path, names, using, flow.identity, flow.client_addr)
+        decision = cache.get(key) if key is not None else None
+        if decision is None:
+            decision = evaluate(self.policy_set, Facts(
+                method=req.method, path=req.path, now=self._clock(), jmap_methods=names, using=using,
+                identity=flow.identity, source_ip=flow.client_addr))
+            if key is not None:
+                cache.put(key, decision)
         self._record(flow, decision)
         if not decision.allowed and self._opts.mode == "enforce":
             raise Forbidden(_detail(flow, decision),
                             extra={"policyRule": decision.rule_id} if decision.rule_id else None)
 
     def facts(self, flow: "Flow") -> Facts:
-        names = using = None
-        if jmap.is_api_request(flow, self._jmap_path):
-            req = jmap.request_of(flow)
-            if req is None:
-                raise BadRequest("The JMAP request has no body.",
-                                 extra={"jmapType": "urn:ietf:params:jmap:error:notJSON"})
-            names, using = tuple(req.method_names), req.using
+        names, using = self._jmap_facts(flow)
         return Facts(method=flow.request.method, path=flow.request.path, now=self._clock(),
                      jmap_methods=names, using=using, identity=flow.identity,
                      source_ip=flow.client_addr)
+
+    def _jmap_facts(self, flow: "Flow") -> tuple[tuple[str, ...] | None, tuple[str, ...] | None]:
+        """The JMAP method names and capabilities of an API request, else (None, None)."""
+        if not jmap.is_api_request(flow, self._jmap_path):
+            return None, None
+        req = jmap.request_of(flow)
+        if req is None:
+            raise BadRequest("The JMAP request has no body.",
+                             extra={"jmapType": "urn:ietf:params:jmap:error:notJSON"})
+        return tuple(c.name for c in req.calls), req.using
 
     def _record(self, flow: "Flow", d: Decision) -> None:
         mode = self._opts.mode
@@ -167,11 +184,13 @@ class Policy:
         if child is None:
             child = self._children[key] = self._counter.labels(d.policy, d.effect, mode)
         child.inc()
-        subject = flow.identity.subject if flow.identity else "-"
         if d.allowed:
-            log.debug("policy allow %s: rule=%s subject=%s %s %s", flow.id, d.rule_id, subject,
-                      flow.request.method, flow.request.path)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("policy allow %s: rule=%s subject=%s %s %s", flow.id, d.rule_id,
+                          flow.identity.subject if flow.identity else "-", flow.request.method,
+                          flow.request.path)
             return
+        subject = flow.identity.subject if flow.identity else "-"
         log.info("policy %s %s: rule=%s subject=%s method=%s route=%s %s reason=%s",
                  "denied" if mode == "enforce" else "would deny (shadow)", flow.id,
                  d.rule_id or "default-deny", subject, d.denied_method or "-",

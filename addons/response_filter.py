@@ -89,11 +89,13 @@ class ResponseFilter:
         self._opts = ResponseFilterOptions()
         self._jmap_path = "/jmap"
         self._public_base = "http://127.0.0.1:8080"
+        self._strip_raw = frozenset(h.lower().encode("latin-1") for h in self._opts.strip_headers)
 
     def load(self, loader: "Loader") -> None:
         self._opts = loader.options or ResponseFilterOptions()
         self._jmap_path = loader.config.stalwart.jmap_path
         self._public_base = (self._opts.public_url or loader.config.public_base()).rstrip("/")
+        self._strip_raw = frozenset(h.lower().encode("latin-1") for h in self._opts.strip_headers)
         self._rewritten = loader.metrics.counter("sge_proxy_session_rewrites_total",
                                                  "Session resources rewritten for clients.", ("result",))
 
@@ -101,13 +103,33 @@ class ResponseFilter:
         resp = flow.response
         if resp is None:
             return
-        for h in self._opts.strip_headers:
-            resp.headers.popall(h, None)
-        loc = resp.headers.get("Location")
-        if loc is not None:
-            resp.headers["Location"] = relative_location(loc, flow.upstream, self._opts.upstream_hosts)
+        if not self._strip_raw_headers(resp):
+            headers = resp.headers
+            for h in self._opts.strip_headers:
+                headers.popall(h, None)
+            loc = headers.get("Location")
+            if loc is not None:
+                headers["Location"] = relative_location(loc, flow.upstream, self._opts.upstream_hosts)
         if self._is_session(flow, resp):
             resp.want_body(self._opts.max_session_bytes)
+
+    def _strip_raw_headers(self, resp: "Response") -> bool:
+        """Drop the stripped headers from the parser's bytes when nobody built the header dict
+        and there is no Location to rewrite: the same outcome without decoding every header.
+        False when the dict has to be used."""
+        raw = resp.raw
+        if raw is None or resp.headers_read:
+            return False
+        strip = self._strip_raw
+        found = False
+        for ln, _, _ in raw:
+            if ln == b"location":
+                return False
+            if ln in strip:
+                found = True
+        if found:
+            raw[:] = [t for t in raw if t[0] not in strip]
+        return True
 
     def response(self, flow: "Flow") -> None:
         resp = flow.response
@@ -134,5 +156,5 @@ class ResponseFilter:
         self._rewritten.labels("ok").inc()
 
     def _is_session(self, flow: "Flow", resp: "Response") -> bool:
-        return (resp.status == 200 and resp.content_type in _JSON_TYPES
-                and is_session_path(flow.request.method, flow.request.path, self._jmap_path))
+        return (is_session_path(flow.request.method, flow.request.path, self._jmap_path)
+                and resp.status == 200 and resp.content_type in _JSON_TYPES)

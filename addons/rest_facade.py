@@ -160,16 +160,21 @@ class RestFacade:
         if not upload or req.chunked or (req.content_length or 0) <= _SMALL_UPLOAD:
             req.want_body(cap)  # a large upload with a length streams: never read here
 
-    async def request(self, flow: "Flow") -> None:
+    def request(self, flow: "Flow") -> Any:
+        """Answers a facade path (a coroutine); notes a JMAP request that may write (sync)."""
         if rest.is_facade_path(flow.request.path):
-            flow.response = await self._answer(flow)
-        elif flow.identity is not None and is_api_request(flow, self._jmap_path):
+            return self._answer_flow(flow)
+        if flow.identity is not None and is_api_request(flow, self._jmap_path):
             try:
                 req = request_of(flow)
             except ProxyError:
                 req = None
             if req is None or any(n in rest.WRITE_METHODS for n in req.method_names):
                 flow.metadata[_WRITE] = True
+        return None
+
+    async def _answer_flow(self, flow: "Flow") -> None:
+        flow.response = await self._answer(flow)
 
     def responseheaders(self, flow: "Flow") -> None:
         s, resp = flow.metadata.get(_STREAM), flow.response

@@ -169,7 +169,7 @@ class Plan:
     JWT cache. Build a new set (`build_plans`) and `install` it to rotate secrets."""
 
     __slots__ = ("mode", "_impersonator", "_secret", "_admin_basic", "_jwt_mac", "_reuse", "_tokens",
-                 "max_tokens")
+                 "max_tokens", "_basics")
 
     def __init__(self, mode: str, *, impersonator: str | None = None, secret: str | None = None,
                  admin_user: str | None = None, jwt_key: bytes | None = None,
@@ -184,6 +184,7 @@ class Plan:
         self._reuse = jwt_reuse
         self._tokens: dict[str, tuple[int, str]] = {}
         self.max_tokens = max_tokens
+        self._basics: dict[str, str] = {}  # impersonate: login -> Authorization value
 
     def headers(self, flow: "Flow", now: float) -> list[tuple[str, str]]:
         """The credential headers for this flow. Raises Unauthorized without the identity the mode
@@ -203,7 +204,13 @@ class Plan:
         login = ident.login
         _check_login(login, mode)
         if mode == "impersonate":
-            return [("Authorization", basic(f"{login}%{self._impersonator}", self._secret or ""))]
+            value = self._basics.get(login)
+            if value is None:
+                value = basic(f"{login}%{self._impersonator}", self._secret or "")
+                if len(self._basics) >= self.max_tokens:
+                    del self._basics[next(iter(self._basics))]
+                self._basics[login] = value
+            return [("Authorization", value)]
         if mode == "authorize-as":
             return [("Authorization", self._admin_basic or ""), ("Authorize-As", login)]
         return [("Authorization", f"Bearer {self._jwt(login, int(now))}")]

@@ -21,6 +21,25 @@ Headers = CIMultiDict  # case-insensitive, ordered, repeatable: CIMultiDict[str]
 RawHeaders = list  # [(lower-cased name, name, value)] as bytes, straight from the parser
 
 
+_PROBE = "\x00probe"
+_KEEP, _DROP, _OTHER = 0, 1, 2
+_SCRUB_KIND: dict[str, int] = {}  # lower-cased name -> what scrub_request does to such a header
+
+
+def _scrub_kind(lname: str) -> int:
+    """_KEEP: scrub_request leaves the header as sent (unless a Connection header names it);
+    _DROP: always removes it; _OTHER: anything else (it sets the value, say)."""
+    kind = _SCRUB_KIND.get(lname)
+    if kind is None:
+        probe = CIMultiDict([(lname, _PROBE)])
+        scrub_request(probe, "", "http")
+        got = probe.getall(lname, [])
+        kind = _KEEP if got == [_PROBE] else _DROP if not got else _OTHER
+        if len(_SCRUB_KIND) < 256:
+            _SCRUB_KIND[lname] = kind
+    return kind
+
+
 def _decode(raw: "RawHeaders") -> CIMultiDict:
     return CIMultiDict([(n.decode("latin-1"), v.decode("latin-1")) for _, n, v in raw])
 
@@ -71,6 +90,25 @@ class Request:
     def headers_read(self) -> bool:
         """Whether anything built .headers (else the engine forwards the parser's bytes)."""
         return self._headers is not None
+
+    def header(self, name: str) -> str | None:
+        """`headers.get(name)` (the first value, or None) without building .headers when it can:
+        the parser's bytes are scanned instead unless the scrubbing would change the answer (a
+        Connection header, or a name the engine drops or sets)."""
+        h = self._headers
+        if h is not None:
+            return h.get(name)
+        lname = name.lower()
+        kind = _scrub_kind(lname)
+        if kind == _DROP:
+            return None
+        if kind != _KEEP or self.raw_connection:
+            return self.headers.get(name)
+        key = lname.encode("latin-1")
+        for ln, _, v in self.raw:
+            if ln == key:
+                return v.decode("latin-1")
+        return None
 
     @property
     def target(self) -> str:

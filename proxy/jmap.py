@@ -5,6 +5,7 @@ the body is parsed at most once per flow.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -83,10 +84,14 @@ def _not_request(detail: str) -> BadRequest:
 
 def is_api_request(flow: "Flow", jmap_path: str = "/jmap") -> bool:
     """A POST to the JMAP API endpoint (jmap_path, with or without a trailing slash)."""
-    if flow.request.method != "POST":
-        return False
-    p = flow.request.path.rstrip("/")
-    return p == jmap_path.rstrip("/") or p == jmap_path.rstrip("/") + "/api"
+    req = flow.request
+    return req.method == "POST" and req.path.rstrip("/") in _api_paths(jmap_path)
+
+
+@functools.lru_cache(maxsize=16)
+def _api_paths(jmap_path: str) -> frozenset[str]:
+    base = jmap_path.rstrip("/")
+    return frozenset((base, base + "/api"))
 
 
 def request_of(flow: "Flow") -> JmapRequest | None:

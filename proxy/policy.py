@@ -33,7 +33,7 @@ from .errors import ConfigError
 from .identity import Identity
 
 __all__ = ["Facts", "Decision", "Rule", "TimeWindow", "Glob", "PolicyFile", "PolicySet",
-           "parse_policy", "build_set", "evaluate", "AUTH_METHODS"]
+           "parse_policy", "build_set", "evaluate", "DecisionCache", "AUTH_METHODS"]
 
 AUTH_METHODS = frozenset({"jwt", "api_key"})
 _DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -257,6 +257,53 @@ def evaluate(policy_set: PolicySet, facts: Facts) -> Decision:
         if not any(r.effect == "allow" and r.matches_method(name) for r in method_rules):
             return Decision(False, "deny", None, "no policy rule allows this method", name)
     return Decision(True, "allow", route_allow.id, route_allow.reason, None, route_allow.policy)
+
+
+class DecisionCache:
+    """Decisions of one PolicySet remembered per request shape (most traffic repeats a few).
+
+    `key(...)` is everything a decision can depend on: the HTTP method, the path, the JMAP method
+    names and capabilities, the identity's presence, roles, tenant, auth method and scopes, and
+    the client address only when some rule has `cidrs`. A set with any `time` rule is not cached
+    at all (`enabled` is False): the clock is then part of every decision. Long paths and
+    requests with many method calls are not cached (key returns None), and at most `size`
+    entries are kept (the oldest go first). A reloaded policy is a new PolicySet, hence a new
+    cache. Pure."""
+
+    __slots__ = ("policy_set", "enabled", "by_ip", "size", "_items")
+
+    MAX_PATH = 512
+    MAX_CALLS = 32
+
+    def __init__(self, policy_set: PolicySet, size: int = 4096) -> None:
+        self.policy_set = policy_set
+        self.enabled = size > 0 and not any(r.time is not None for r in policy_set.rules)
+        self.by_ip = any(r.cidrs is not None for r in policy_set.rules)
+        self.size = size
+        self._items: dict[tuple, Any] = {}
+
+    def key(self, method: str, path: str, jmap_methods: tuple[str, ...] | None,
+            using: tuple[str, ...] | None, identity: Identity | None, source_ip: str) -> tuple | None:
+        """The cache key for a request, or None when its decision must not be cached."""
+        if not self.enabled or len(path) > self.MAX_PATH or (
+                jmap_methods is not None and len(jmap_methods) > self.MAX_CALLS) or (
+                using is not None and len(using) > self.MAX_CALLS):
+            return None
+        who = None if identity is None else (identity.roles, identity.tenant, identity.method,
+                                             identity.scopes)
+        return (method, path, jmap_methods, using, who, source_ip if self.by_ip else None)
+
+    def get(self, key: tuple) -> Any:
+        return self._items.get(key)
+
+    def put(self, key: tuple, value: Any) -> None:
+        items = self._items
+        if len(items) >= self.size:
+            del items[next(iter(items))]
+        items[key] = value
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 @functools.lru_cache(maxsize=4096)  # client addresses repeat; parsing one is ~20 Python calls

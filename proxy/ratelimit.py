@@ -130,6 +130,19 @@ class MemoryBuckets:
             self.sweep(now)
         return decision
 
+    def try_take(self, key: str, limit: Limit, now: float, cost: float = 1.0) -> bool:
+        """`take` for one bucket when only the yes matters: True (taken) or False (nothing
+        changed; `take` gives the refusal's Decision)."""
+        s = self._state.get(key)
+        t = limit.burst if s is None else min(limit.burst, s[0] + max(0.0, now - s[1]) * limit.rate)
+        if t < cost:
+            return False
+        t -= cost
+        self._state[key] = (t, now, now + (limit.burst - t) / limit.rate)
+        if now >= self._next_sweep:
+            self.sweep(now)
+        return True
+
     def sweep(self, now: float) -> int:
         """Forget full buckets; returns how many."""
         full = [k for k, (_, _, full_at) in self._state.items() if full_at <= now]
@@ -163,6 +176,15 @@ class Slots:
     def waiting(self, key: str) -> int:
         q = self._waiting.get(key)
         return len(q) if q else 0
+
+    def try_acquire(self, key: str) -> bool:
+        """Take a slot if one is free now (True); else nothing changes (then `acquire`)."""
+        n = self._held.get(key, 0)
+        if n < self.limit:
+            self._held[key] = n + 1
+            self.held_total += 1
+            return True
+        return False
 
     def acquire(self, key: str, waiter: Any) -> Admission:
         """GRANTED (the caller holds a slot), QUEUED (`waiter` is in line) or REFUSED."""

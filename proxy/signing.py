@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import binascii
 import hashlib
 import hmac
@@ -67,6 +68,9 @@ def encode_value(value: str | None) -> str:
         return value
     return "".join(chr(b) if 0x21 <= b <= 0x7E and b != 0x25 else f"%{b:02X}"
                    for b in value.encode("utf-8"))
+
+
+_encode_identity = functools.lru_cache(maxsize=4096)(encode_value)  # identity values repeat
 
 
 def decode_value(value: str) -> str:
@@ -196,8 +200,8 @@ def sign(ring: KeyRing, method: str, target: str, *, user_id: str | None, tenant
 
     body None means the body streams unseen: UNSIGNED-PAYLOAD. Pass b"" for a request without one.
     """
-    user, ten, ses, rid = (encode_value(user_id), encode_value(tenant), encode_value(session_id),
-                           encode_value(request_id))
+    user, ten, ses, rid = (_encode_identity(user_id), _encode_identity(tenant),
+                           _encode_identity(session_id), encode_value(request_id))
     ts = str(timestamp)
     content = content_sha256(body)
     canonical = canonical_string(method, target, user, ten, ses, rid, ts, content)

@@ -135,3 +135,19 @@ async def test_bad_extra_path_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as e:
         await _manager({"extra_paths": ["no-slash"]})
     assert "addons.path_allowlist" in str(e.value)
+
+
+async def test_verdicts_are_remembered_and_bounded() -> None:
+    mgr, metrics = await _manager()
+    addon = mgr.get("path_allowlist")
+    for _ in range(3):  # a remembered refusal still refuses and counts
+        with pytest.raises(NotFound):
+            await mgr.run("requestheaders", _flow("/wp-admin"))
+        await mgr.run("requestheaders", _flow("/jmap"))
+    assert metrics.registry.get_sample_value("sge_proxy_path_refused_total", {"reason": "scanner"}) == 3
+    assert addon._verdicts == {"/wp-admin": "scanner", "/jmap": None}
+    with pytest.raises(NotFound):  # long paths are judged every time, never kept
+        await mgr.run("requestheaders", _flow("/x" * PathAllowlist.CACHE_MAX_PATH))
+    for i in range(PathAllowlist.CACHE_SIZE + 5):
+        await mgr.run("requestheaders", _flow(f"/jmap/download/a/{i}"))
+    assert len(addon._verdicts) == PathAllowlist.CACHE_SIZE

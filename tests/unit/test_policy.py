@@ -363,3 +363,63 @@ def test_default_policy(case, f, allowed, rule_id, denied_method):
     ps = build_set([parse_policy(DEFAULT_YAML.read_text(), str(DEFAULT_YAML))])
     d = evaluate(ps, f)
     assert (d.allowed, d.rule_id, d.denied_method) == (allowed, rule_id, denied_method)
+
+
+# ------------------------------------------------------------------ DecisionCache (pure)
+from proxy.policy import DecisionCache  # noqa: E402
+
+PLAIN = "name: p\nrules:\n  - {id: a, effect: allow, paths: [/x]}\n"
+WITH_CIDR = "name: p\nrules:\n  - {id: a, effect: allow, paths: [/x], cidrs: [10.0.0.0/8]}\n"
+WITH_TIME = "name: p\nrules:\n  - {id: a, effect: allow, paths: [/x], time: {days: mon-fri}}\n"
+ALICE = Identity(subject="alice", roles=frozenset({"r"}), tenant="t", scopes=frozenset({"s"}))
+
+
+@pytest.mark.parametrize("text, size, enabled, by_ip", [
+    (PLAIN, 16, True, False),
+    (WITH_CIDR, 16, True, True),
+    (WITH_TIME, 16, False, False),
+    (PLAIN, 0, False, False),
+])
+def test_decision_cache_scope(text, size, enabled, by_ip):
+    c = DecisionCache(policy(text), size)
+    assert (c.enabled, c.by_ip) == (enabled, by_ip)
+    k = c.key("GET", "/x", None, None, ALICE, "10.0.0.1")
+    assert (k is not None) == enabled
+
+
+def test_decision_cache_key_covers_what_a_decision_reads():
+    c = DecisionCache(policy(PLAIN))
+    base = c.key("POST", "/jmap", ("Email/get",), ("core",), ALICE, "10.0.0.1")
+    same = [c.key("POST", "/jmap", ("Email/get",), ("core",),
+                  Identity(subject="bob", email="b@x", roles=frozenset({"r"}), tenant="t",
+                           scopes=frozenset({"s"})), "192.0.2.9")]  # no cidr rule: the IP is moot
+    other = [c.key("GET", "/jmap", ("Email/get",), ("core",), ALICE, "10.0.0.1"),
+             c.key("POST", "/jmap/", ("Email/get",), ("core",), ALICE, "10.0.0.1"),
+             c.key("POST", "/jmap", ("Email/set",), ("core",), ALICE, "10.0.0.1"),
+             c.key("POST", "/jmap", ("Email/get",), ("mail",), ALICE, "10.0.0.1"),
+             c.key("POST", "/jmap", ("Email/get",), ("core",), None, "10.0.0.1"),
+             c.key("POST", "/jmap", ("Email/get",), ("core",),
+                   Identity(subject="alice", roles=frozenset(), tenant="t", scopes=frozenset({"s"})), ""),
+             c.key("POST", "/jmap", ("Email/get",), ("core",),
+                   Identity(subject="alice", roles=frozenset({"r"}), tenant="u", scopes=frozenset({"s"})), ""),
+             c.key("POST", "/jmap", ("Email/get",), ("core",),
+                   Identity(subject="alice", roles=frozenset({"r"}), tenant="t", scopes=frozenset({"s"}),
+                            method="api_key"), ""),
+             c.key("POST", "/jmap", ("Email/get",), ("core",),
+                   Identity(subject="alice", roles=frozenset({"r"}), tenant="t"), "")]
+    assert all(k == base for k in same)
+    assert all(k != base for k in other) and len(set(other)) == len(other)
+    by_ip = DecisionCache(policy(WITH_CIDR))
+    assert by_ip.key("GET", "/x", None, None, ALICE, "10.0.0.1") != by_ip.key("GET", "/x", None, None, ALICE,
+                                                                               "10.0.0.2")
+
+
+def test_decision_cache_skips_oversized_requests_and_stays_bounded():
+    c = DecisionCache(policy(PLAIN), size=2)
+    assert c.key("GET", "/" + "a" * DecisionCache.MAX_PATH, None, None, None, "") is None
+    assert c.key("POST", "/jmap", ("Email/get",) * (DecisionCache.MAX_CALLS + 1), (), None, "") is None
+    assert c.key("POST", "/jmap", (), ("x",) * (DecisionCache.MAX_CALLS + 1), None, "") is None
+    keys = [c.key("GET", f"/{i}", None, None, None, "") for i in range(3)]
+    for i, k in enumerate(keys):
+        c.put(k, i)
+    assert len(c) == 2 and c.get(keys[0]) is None and c.get(keys[2]) == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from datetime import datetime, timezone
 from pathlib import Path
 
 import orjson
@@ -266,3 +267,108 @@ async def test_watcher_picks_up_changes_and_survives_a_broken_edit(make, policy_
     assert [r.id for r in addon.policy_set.rules] == ["session"]
     with pytest.raises(Forbidden):
         await run(mgr, api_flow("Email/get"))
+
+
+# ------------------------------------------------------------------ the decision cache
+TIMED = """\
+name: test
+rules:
+  - id: api-office-hours
+    effect: allow
+    http_methods: [POST]
+    paths: [/jmap, /jmap/]
+    time: {days: mon-fri, hours: "09:00-17:00"}
+  - id: mail
+    effect: allow
+    jmap_methods: ["Email/*"]
+"""
+
+FROM_LAN = """\
+name: test
+rules:
+  - id: api-lan
+    effect: allow
+    http_methods: [POST]
+    paths: [/jmap, /jmap/]
+    cidrs: [10.0.0.0/8]
+  - id: mail
+    effect: allow
+    jmap_methods: ["Email/*"]
+"""
+
+
+def from_ip(flow: Flow, ip: str) -> Flow:
+    flow.client_addr = ip
+    return flow
+
+
+async def test_repeated_requests_reuse_the_decision_and_still_count(make, policy_file):
+    mgr, addon, metrics = await make(files=[str(policy_file)])
+    for _ in range(3):
+        flow = api_flow("Email/get")
+        await run(mgr, flow)
+        assert flow.response is None
+    assert len(addon._cache) == 1
+    assert decisions(metrics, "allow") == 3
+    for _ in range(2):  # a cached refusal is still a refusal, counted each time
+        with pytest.raises(Forbidden, match="Principal/set"):
+            await run(mgr, api_flow("Email/get", "Principal/set"))
+    assert len(addon._cache) == 2
+    assert decisions(metrics, "deny") == 2
+
+
+async def test_cached_decision_is_per_identity_shape_and_calls(make, tmp_path):
+    p = tmp_path / "roles.yaml"
+    p.write_text("name: test\nrules:\n"
+                 "  - {id: api, effect: allow, http_methods: [POST], paths: [/jmap/], roles: [mail]}\n"
+                 "  - {id: mail, effect: allow, jmap_methods: [\"Email/*\"]}\n")
+    mgr, addon, _ = await make(files=[str(p)])
+    await run(mgr, api_flow("Email/get", who=Identity(subject="a", roles=frozenset({"mail"}))))
+    with pytest.raises(Forbidden):  # same request, an identity without the role
+        await run(mgr, api_flow("Email/get", who=Identity(subject="a")))
+    with pytest.raises(Forbidden):  # anonymous
+        await run(mgr, api_flow("Email/get", who=None))
+    with pytest.raises(Forbidden):  # the role, another method call
+        await run(mgr, api_flow("Mailbox/get", who=Identity(subject="b", roles=frozenset({"mail"}))))
+    # another subject with the same roles shares the entry
+    await run(mgr, api_flow("Email/get", who=Identity(subject="c", roles=frozenset({"mail"}))))
+    assert len(addon._cache) == 4
+
+
+async def test_reload_starts_a_new_cache(make, policy_file):
+    mgr, addon, _ = await make(files=[str(policy_file)])
+    await run(mgr, api_flow("Email/get"))
+    assert len(addon._cache) == 1
+    policy_file.write_text(SESSION_ONLY)
+    assert addon.reload() is True
+    with pytest.raises(Forbidden):
+        await run(mgr, api_flow("Email/get"))
+    assert addon._cache.policy_set is addon.policy_set and len(addon._cache) == 1
+
+
+async def test_time_windows_turn_the_cache_off(make, tmp_path):
+    p = tmp_path / "timed.yaml"
+    p.write_text(TIMED)
+    mgr, addon, _ = await make(files=[str(p)])
+    now = [datetime(2025, 1, 6, 10, 0, tzinfo=timezone.utc)]  # a Monday, in the window
+    addon._clock = lambda: now[0]
+    flow = api_flow("Email/get")
+    await run(mgr, flow)
+    assert flow.response is None
+    now[0] = datetime(2025, 1, 6, 18, 0, tzinfo=timezone.utc)  # the same request after hours
+    with pytest.raises(Forbidden):
+        await run(mgr, api_flow("Email/get"))
+    assert len(addon._cache) == 0
+
+
+async def test_cidr_rules_key_the_cache_by_client_address(make, tmp_path):
+    p = tmp_path / "lan.yaml"
+    p.write_text(FROM_LAN)
+    mgr, addon, _ = await make(files=[str(p)])
+    flow = from_ip(api_flow("Email/get"), "10.1.2.3")
+    await run(mgr, flow)
+    assert flow.response is None
+    with pytest.raises(Forbidden):
+        await run(mgr, from_ip(api_flow("Email/get"), "192.0.2.1"))
+    await run(mgr, from_ip(api_flow("Email/get"), "10.1.2.3"))
+    assert len(addon._cache) == 2

@@ -291,3 +291,21 @@ async def test_bad_options_name_the_key(section, key):
     with pytest.raises(ConfigError) as e:
         await manager(section)
     assert e.value.key == key
+
+
+def test_try_take_agrees_with_take() -> None:
+    from proxy.ratelimit import Limit, MemoryBuckets
+    lim = Limit("user", 1.0, 2.0)
+    fast, full = MemoryBuckets(), MemoryBuckets()
+    for now in (0.0, 0.1, 0.2, 0.3, 1.5, 1.6, 1.7, 10.0):
+        assert fast.try_take("u", lim, now) == full.take(["u"], [lim], now).allowed
+        assert fast._state == full._state
+
+
+def test_try_acquire_grants_only_free_slots() -> None:
+    from proxy.ratelimit import Admission, Slots
+    slots = Slots(1, 1)
+    assert slots.try_acquire("u") is True and slots.held("u") == 1
+    assert slots.try_acquire("u") is False and slots.held("u") == 1 and slots.waiting("u") == 0
+    assert slots.acquire("u", "w") is Admission.QUEUED
+    assert slots.release("u") == "w"

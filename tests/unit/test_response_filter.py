@@ -192,3 +192,35 @@ async def test_public_url_must_be_a_url() -> None:
     with pytest.raises(ConfigError) as e:
         await manager({"public_url": "proxy.example"})
     assert "addons.response_filter.public_url" in str(e.value)
+
+
+def upstream_flow(method: str, target: str, status: int, headers: list[tuple[str, str]]) -> Flow:
+    """A response as the engine hands it over: headers still the parser's bytes."""
+    f = Flow(Request(method, target, CIMultiDict()), id="r1", upstream=UPSTREAM)
+    f.response = Response(status, raw=[(n.lower().encode(), n.encode(), v.encode()) for n, v in headers])
+    f.identity = Identity(subject="alice", email="alice@example.com")
+    return f
+
+
+async def test_fingerprinting_headers_are_dropped_from_the_parser_bytes() -> None:
+    mgr = await manager()
+    f = upstream_flow("POST", "/jmap", 200, [("Server", "nginx"), ("Content-Type", "application/json"),
+                                             ("x-powered-by", "x"), ("Content-Length", "2")])
+    await run(mgr, f, b"{}")
+    assert not f.response.headers_read  # nothing decoded: the engine forwards the bytes
+    assert [n for _, n, _ in f.response.raw] == [b"Content-Type", b"Content-Length"]
+    assert f.response.body_cap is None
+    kept = upstream_flow("POST", "/jmap", 200, [("Content-Type", "application/json")])
+    await run(mgr, kept, b"{}")
+    assert [n for _, n, _ in kept.response.raw] == [b"Content-Type"]
+
+
+async def test_parser_bytes_with_a_location_or_a_session_use_the_headers() -> None:
+    mgr = await manager()
+    f = upstream_flow("GET", "/jmap/x", 302, [("Server", "nginx"),
+                                              ("Location", "https://stalwart.internal/jmap/y")])
+    await run(mgr, f, b"")
+    assert dict(f.response.headers) == {"Location": "/jmap/y"}
+    s = upstream_flow("GET", "/jmap/session", 200, [("Server", "nginx"), ("Content-Type", "application/json")])
+    await run(mgr, s, stalwart_session())
+    assert "Server" not in s.response.headers and s.response.body_cap is not None

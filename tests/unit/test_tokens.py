@@ -553,3 +553,51 @@ async def test_keys_from_files(tmp_path):
         {"kid": "r", "algs": ["RS256", "PS256"], "public_key_file": str(tmp_path / "rsa.pem")}]}}, base_dir=tmp_path)
     assert (await attempt(mgr, bearer(sign("HS256", kid="h")))).identity.subject == "u-1"
     assert (await attempt(mgr, bearer(sign("PS256", kid="r")))).identity.subject == "u-1"
+
+
+# ----------------------------------------------------------------------------- from the parser's bytes
+def parsed_flow(headers: list[tuple[str, str]], path: str = "/jmap/session") -> Flow:
+    """A request as the engine builds it: headers still the parser's bytes, no Connection header."""
+    req = Request("GET", path, raw=[(n.lower().encode(), n.encode(), v.encode("latin-1")) for n, v in headers],
+                  peer="127.0.0.1")
+    req.raw_connection = False
+    return Flow(req, id="req-raw")
+
+
+RAW_TABLE = API_TABLE + [
+    ("repeated API key header", [("X-API-Key", "sgek_file_one"), ("x-api-key", "sgek_file_one")], "malformed"),
+    ("bearer and API key", [("Authorization", "Bearer sgek_file_one"), ("X-API-Key", "inline-key")], "malformed"),
+    ("no credential", [("Accept", "*/*")], "missing"),
+]
+
+
+@pytest.mark.parametrize("name,headers,expected", RAW_TABLE, ids=[c[0] for c in RAW_TABLE])
+async def test_api_keys_from_parser_bytes(name, headers, expected, tmp_path):
+    (tmp_path / "keys.yaml").write_text(API_KEYS_FILE.format(h1=hash_api_key("sgek_file_one"),
+                                                             h2=hash_api_key("sgek_file_two").upper()))
+    section = {"api_keys": {"file": "keys.yaml", "keys": [
+        {"sha256": hash_api_key("inline-key"), "subject": "svc-inline", "roles": ["tenant:globex"]}]}}
+    mgr, metrics = await manager(section, base_dir=tmp_path)
+    flow = parsed_flow(headers)
+    if isinstance(expected, str):
+        with pytest.raises(Unauthorized):
+            await mgr.run("requestheaders", flow)
+        assert failures(metrics, expected) == 1
+    else:
+        await mgr.run("requestheaders", flow)
+        assert flow.identity == expected
+    assert "X-API-Key" not in flow.request.headers  # an API key never goes upstream
+
+
+async def test_bearer_token_from_parser_bytes_leaves_the_headers_unbuilt():
+    mgr, metrics = await manager(jwt_section())
+    token = sign()
+    for _ in range(2):  # verified, then from the cache
+        flow = parsed_flow(bearer(token), path="/jmap")
+        await mgr.run("requestheaders", flow)
+        assert flow.identity is not None and flow.client_token == token
+        assert not flow.request.headers_read
+    assert successes(metrics, "jwt") == 2
+    with pytest.raises(Unauthorized):
+        await mgr.run("requestheaders", parsed_flow(bearer(token) + bearer(token), path="/jmap"))
+    assert failures(metrics, "malformed") == 1
