@@ -1,7 +1,6 @@
 """Shared fixtures: dev certificates in a temp dir, a real mTLS upstream, a real proxy."""
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import ssl
@@ -54,3 +53,20 @@ def proxy_env(certs: Path, upstream: str, **extra: str) -> dict[str, str]:
     })
     env.update(extra)
     return env
+
+
+@pytest.fixture
+async def upstream(server_ssl):
+    """The test upstream (tests/harness.upstream_app) over TLS requiring a dev client
+    certificate: its base URL. Modules that need the app too define their own."""
+    from tests.harness import start_app, upstream_app
+    runner, port = await start_app(upstream_app(), server_ssl)
+    yield f"https://127.0.0.1:{port}"
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def client():
+    import aiohttp
+    async with aiohttp.ClientSession(auto_decompress=False) as s:
+        yield s

@@ -7,22 +7,14 @@ import hashlib
 import json
 
 import aiohttp
-import pytest
 
-from tests.harness import start_app, start_proxy, upstream_app
+from tests.harness import start_proxy
 from tests.vault_double import VaultDouble
 
 
 def record(key: str, subject: str) -> dict:
     return {"sha256": hashlib.sha256(key.encode()).hexdigest(), "subject": subject,
             "email": f"{subject}@example.com", "roles": ["user"]}
-
-
-@pytest.fixture
-async def upstream(server_ssl):
-    runner, port = await start_app(upstream_app(), server_ssl)
-    yield f"https://127.0.0.1:{port}"
-    await runner.cleanup()
 
 
 def chain_config(secrets: dict) -> dict:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import os
 import signal
 import time
@@ -28,12 +27,6 @@ async def proxy(certs, upstream):
     eng = await start_proxy(certs, upstream[1], **{"stalwart.request_timeout": 1.0})
     yield eng, f"http://127.0.0.1:{eng.port}"
     await eng.stop(drain_timeout=1)
-
-
-@pytest.fixture
-async def client():
-    async with aiohttp.ClientSession(auto_decompress=False) as s:
-        yield s
 
 
 async def test_forwards_over_mtls_with_client_certificate(proxy, upstream, client):

@@ -5,11 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 
-import aiohttp
-import pytest
 
 from proxy.tokens import hash_api_key
-from tests.harness import start_app, start_proxy, upstream_app
+from tests.harness import start_proxy
 
 KEYS = {"alice": "sgek_alice-0123456789", "bob": "sgek_bob-0123456789", "carol": "sgek_carol-0123456789"}
 TENANTS = {"alice": "acme", "bob": "acme", "carol": "globex"}
@@ -19,19 +17,6 @@ AUTH = {"api_keys": {"keys": [{"sha256": hash_api_key(k), "subject": u, "tenant"
 
 def as_user(user: str) -> dict[str, str]:
     return {"X-API-Key": KEYS[user]}
-
-
-@pytest.fixture
-async def upstream(server_ssl):
-    runner, port = await start_app(upstream_app(), server_ssl)
-    yield f"https://127.0.0.1:{port}"
-    await runner.cleanup()
-
-
-@pytest.fixture
-async def client():
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 async def limited_proxy(certs, upstream, limits: dict):

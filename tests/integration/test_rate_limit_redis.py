@@ -13,11 +13,10 @@ import subprocess
 import time
 import uuid
 
-import aiohttp
 import pytest
 
 from tests.conftest import free_port
-from tests.harness import start_app, start_proxy, upstream_app
+from tests.harness import start_proxy
 from tests.integration.test_rate_limit import AUTH, KEYS
 
 REDIS_SERVER = shutil.which("redis-server")
@@ -76,19 +75,6 @@ def redis_server(tmp_path):
     if server.proc is not None and server.proc.poll() is None:
         os.kill(server.proc.pid, signal.SIGCONT)  # in case a test left it stopped
     server.kill()
-
-
-@pytest.fixture
-async def upstream(server_ssl):
-    runner, port = await start_app(upstream_app(), server_ssl)
-    yield f"https://127.0.0.1:{port}"
-    await runner.cleanup()
-
-
-@pytest.fixture
-async def client():
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 async def redis_proxy(certs, upstream, redis_url: str, prefix: str, **limits):

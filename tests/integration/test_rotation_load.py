@@ -11,14 +11,13 @@ import time
 from pathlib import Path
 
 import aiohttp
-import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from proxy.admin import AdminServer
 from proxy.devcerts import Pair, _leaf
-from tests.harness import start_app, start_proxy, upstream_app
+from tests.harness import start_proxy
 from tests.vault_double import VaultDouble
 
 CONCURRENCY = 16
@@ -104,13 +103,6 @@ class Load:
 
 def metric(eng, name: str, labels: dict | None = None) -> float | None:
     return eng.metrics.registry.get_sample_value(name, labels or {})
-
-
-@pytest.fixture
-async def upstream(server_ssl):
-    runner, port = await start_app(upstream_app(), server_ssl)
-    yield f"https://127.0.0.1:{port}"
-    await runner.cleanup()
 
 
 async def test_file_rotation_with_kubernetes_swap_under_load(certs, upstream, tmp_path):
