@@ -44,7 +44,43 @@ def _decode(raw: "RawHeaders") -> CIMultiDict:
     return CIMultiDict([(n.decode("latin-1"), v.decode("latin-1")) for _, n, v in raw])
 
 
-class Request:
+class _Message:
+    """What requests and responses share: headers built from the parser's bytes on first use
+    (scrubbed: hop-by-hop headers never reach an addon; for requests, no client Forwarded/
+    X-Forwarded-*/X-SGE-* either and one X-Forwarded-For), and asking for the body buffered."""
+
+    __slots__ = ()
+
+    def _scrub(self, h: CIMultiDict) -> None:
+        raise NotImplementedError
+
+    @property
+    def headers(self) -> CIMultiDict:
+        h = self._headers
+        if h is None:
+            h = self._headers = _decode(self.raw)
+            self._scrub(h)
+        return h
+
+    @headers.setter
+    def headers(self, value: CIMultiDict) -> None:
+        self._headers = value
+
+    @property
+    def headers_read(self) -> bool:
+        """Whether anything built .headers (else the engine forwards the parser's bytes)."""
+        return self._headers is not None
+
+    def want_body(self, cap: int | None = None) -> None:
+        """Ask the engine to buffer the body before the next hooks run (requests: in
+        `requestheaders`, for `request`; responses: in `responseheaders`, for `response`), at most
+        `cap` bytes (the smallest cap asked wins; past it: 413 for a request, 502 for a response)."""
+        if cap is None:
+            cap = 1 << 62
+        self.body_cap = cap if self.body_cap is None else min(self.body_cap, cap)
+
+
+class Request(_Message):
     """A client request. `body` is None while the body streams; bytes once buffered.
 
     An addon that needs the body calls `want_body()` in its `requestheaders` hook: the engine then
@@ -72,24 +108,8 @@ class Request:
         self.chunked = False
         self._stream: Any = None
 
-    @property
-    def headers(self) -> CIMultiDict:
-        """The headers, already scrubbed (no hop-by-hop, no client Forwarded/X-Forwarded-*/
-        X-SGE-*; one X-Forwarded-For). Built from the parser's bytes on first use."""
-        h = self._headers
-        if h is None:
-            h = self._headers = _decode(self.raw)
-            scrub_request(h, self.peer, self.scheme)
-        return h
-
-    @headers.setter
-    def headers(self, value: CIMultiDict) -> None:
-        self._headers = value
-
-    @property
-    def headers_read(self) -> bool:
-        """Whether anything built .headers (else the engine forwards the parser's bytes)."""
-        return self._headers is not None
+    def _scrub(self, h: CIMultiDict) -> None:
+        scrub_request(h, self.peer, self.scheme)
 
     def header(self, name: str) -> str | None:
         """`headers.get(name)` (the first value, or None) without building .headers when it can:
@@ -134,17 +154,12 @@ class Request:
     def has_body(self) -> bool:
         return self.body is not None or self.chunked or bool(self.content_length)
 
-    def want_body(self, cap: int | None = None) -> None:
-        """Ask the engine to buffer the body (at most `cap` bytes; the smallest cap asked wins)."""
-        if cap is None:
-            cap = 1 << 62
-        self.body_cap = cap if self.body_cap is None else min(self.body_cap, cap)
 
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.target}>"
 
 
-class Response:
+class Response(_Message):
     """A response, from upstream or made by an addon (`Response.make`)."""
 
     __slots__ = ("status", "reason", "_headers", "body", "body_cap", "http_version", "_stream", "raw")
@@ -169,28 +184,9 @@ class Response:
         h: CIMultiDict = CIMultiDict(headers or ())
         return cls(status, h, body)
 
-    @property
-    def headers(self) -> CIMultiDict:
-        """The headers (from upstream: hop-by-hop and Alt-Svc already removed)."""
-        h = self._headers
-        if h is None:
-            h = self._headers = _decode(self.raw)
-            scrub_response(h)
-        return h
+    def _scrub(self, h: CIMultiDict) -> None:
+        scrub_response(h)
 
-    @headers.setter
-    def headers(self, value: CIMultiDict) -> None:
-        self._headers = value
-
-    @property
-    def headers_read(self) -> bool:
-        return self._headers is not None
-
-    def want_body(self, cap: int | None = None) -> None:
-        """Ask the engine to buffer the upstream body before the `response` hooks run."""
-        if cap is None:
-            cap = 1 << 62
-        self.body_cap = cap if self.body_cap is None else min(self.body_cap, cap)
 
     @property
     def content_type(self) -> str:
