@@ -75,6 +75,16 @@ def upstream_app() -> web.Application:
             "Upgrade": "h2c", "Connection": "Upgrade, X-Private", "X-Private": "1", "Alt-Svc": 'h2c=":1"',
             "Keep-Alive": "timeout=5", "Proxy-Foo": "1", "Trailer": "X-T", "X-Kept": "yes"})
 
+    async def events(r: web.Request) -> web.StreamResponse:
+        """Server-Sent Events: one event every 200 ms, five in all (JMAP's eventSourceUrl)."""
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(r)
+        for i in range(5):
+            await resp.write(f"event: state\ndata: {i}\n\n".encode())
+            await asyncio.sleep(0.2)
+        await resp.write_eof()
+        return resp
+
     async def redirect(r: web.Request) -> web.Response:
         return web.Response(status=307, headers={"Location": "/jmap/session"})
 
@@ -84,6 +94,7 @@ def upstream_app() -> web.Application:
     app.router.add_route("*", "/slow/{ms}", slow)
     app.router.add_route("*", "/hop", hop)
     app.router.add_route("GET", "/redirect", redirect)
+    app.router.add_route("GET", "/jmap/eventsource/", events)
     app.router.add_route("*", "/{tail:.*}", echo)
     return app
 

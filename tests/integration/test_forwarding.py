@@ -348,3 +348,20 @@ async def test_upstream_answer_over_a_buffering_cap_is_502(certs, upstream, clie
             assert (await r.json())["type"].endswith("upstream_response_too_large")
     finally:
         await eng.stop(drain_timeout=0)
+
+
+async def test_server_sent_events_stream_through_unbuffered(proxy, client):
+    """Each event reaches the client as the upstream sends it, not when the stream ends."""
+    _, base = proxy
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    arrivals = []
+    async with client.get(base + "/jmap/eventsource/?types=*&closeafter=no&ping=0") as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
+        async for line in r.content:
+            if line.startswith(b"data: "):
+                arrivals.append((int(line[6:]), loop.time() - t0))
+    assert [n for n, _ in arrivals] == [0, 1, 2, 3, 4]
+    # sent at ~0, 0.2, 0.4, 0.6, 0.8 s: each must arrive close to its own send time
+    for n, at in arrivals:
+        assert at < 0.2 * n + 0.15, f"event {n} arrived at {at:.2f}s: buffered"
