@@ -77,9 +77,12 @@ def redis_server(tmp_path):
     server.kill()
 
 
-async def redis_proxy(certs, upstream, redis_url: str, prefix: str, **limits):
+async def redis_proxy(certs, upstream, redis_url: str, prefix: str, timeout: str = "1s", **limits):
+    """A proxy sharing its buckets through Redis. The Redis deadline is generous by default, so
+    that a loaded test machine cannot turn a budget test into a fail-open one; the hung-Redis
+    test sets the real 50 ms default."""
     section = {"backend": "redis", "concurrency": 0, "user": {"rate": "1/min", "burst": 2},
-               "redis": {"url": redis_url, "key_prefix": prefix, "timeout": "50ms", "retry_interval": "200ms"},
+               "redis": {"url": redis_url, "key_prefix": prefix, "timeout": timeout, "retry_interval": "200ms"},
                **limits}
     eng = await start_proxy(certs, upstream, chain=["auth", "rate_limit"],
                             **{"addons.auth": AUTH, "addons.rate_limit": section})
@@ -151,7 +154,7 @@ async def test_redis_down_fails_open_or_closed_then_recovers(certs, upstream, re
 
 async def test_hung_redis_does_not_stall_requests(certs, upstream, redis_server, client):
     eng, base = await redis_proxy(certs, upstream, redis_server.url, f"t{uuid.uuid4().hex[:8]}:",
-                                  user={"rate": "100/s", "burst": 100})
+                                  timeout="50ms", user={"rate": "100/s", "burst": 100})
     try:
         assert (await status(client, base))[0] == 200
         os.kill(redis_server.proc.pid, signal.SIGSTOP)                 # accepts nothing, answers nothing
