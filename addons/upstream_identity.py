@@ -31,6 +31,7 @@ _SECTION = "addons.upstream_identity"
 Mode = Literal["impersonate", "authorize-as", "jwt", "bearer", "none", "passthrough"]
 MODES: tuple[str, ...] = get_args(Mode)
 MIN_JWT_KEY_BYTES = 32
+_IAT_SKEW = 1  # seconds the upstream JWT's iat is set back (see Plan.headers)
 JWT_HEADER = b'{"alg":"HS256","typ":"JWT"}'  # exactly these two fields, this order: Cyrus checks
 
 
@@ -213,7 +214,9 @@ class Plan:
             return [("Authorization", value)]
         if mode == "authorize-as":
             return [("Authorization", self._admin_basic or ""), ("Authorize-As", login)]
-        return [("Authorization", f"Bearer {self._jwt(login, int(now))}")]
+        # iat a second in the past: the upstream compares it with its own, possibly cached, clock
+        # and refuses an iat even a fraction of a second ahead (Cyrus: Out-of-range "iat" claim)
+        return [("Authorization", f"Bearer {self._jwt(login, int(now) - _IAT_SKEW)}")]
 
     def _jwt(self, login: str, now: int) -> str:
         hit = self._tokens.get(login)

@@ -91,9 +91,10 @@ async def test_jwt_exact_format_and_cache(tmp_path):
     token = value[7:]
     header, payload = _jwt_parts(token)
     assert header == b'{"alg":"HS256","typ":"JWT"}'
-    assert payload == b'{"sub":"alice@example.com","iat":1700000000}'
+    # iat one second before the proxy's clock: Cyrus refuses an iat ahead of its own (cached) clock
+    assert payload == b'{"sub":"alice@example.com","iat":1699999999}'
     claims = pyjwt.decode(token, JWT_KEY, algorithms=["HS256"], options={"verify_iat": False})
-    assert claims == {"sub": "alice@example.com", "iat": 1700000000}
+    assert claims == {"sub": "alice@example.com", "iat": 1699999999}
     with pytest.raises(pyjwt.InvalidSignatureError):
         pyjwt.decode(token, b"k" * 32, algorithms=["HS256"])
 
@@ -101,13 +102,13 @@ async def test_jwt_exact_format_and_cache(tmp_path):
     assert addon.credentials(_flow()) == [("Authorization", value)]
     clock.t = NOW + 60
     [(_, fresh)] = addon.credentials(_flow())
-    assert fresh != value and json.loads(_jwt_parts(fresh[7:])[1])["iat"] == 1700000060
+    assert fresh != value and json.loads(_jwt_parts(fresh[7:])[1])["iat"] == 1700000059
     bob = Identity(subject="u-2", email="bob@example.com")
     [(_, bobs)] = addon.credentials(_flow(identity=bob))
-    assert json.loads(_jwt_parts(bobs[7:])[1]) == {"sub": "bob@example.com", "iat": 1700000060}
+    assert json.loads(_jwt_parts(bobs[7:])[1]) == {"sub": "bob@example.com", "iat": 1700000059}
     clock.t = NOW - 10  # clock stepped back: never reuse a token from the future
     [(_, back)] = addon.credentials(_flow())
-    assert json.loads(_jwt_parts(back[7:])[1])["iat"] == 1699999990
+    assert json.loads(_jwt_parts(back[7:])[1])["iat"] == 1699999989
 
 
 async def test_jwt_sub_falls_back_to_the_subject_without_email(tmp_path):
