@@ -119,16 +119,13 @@ _KEEP_REQUEST = frozenset({b"host", b"content-length", b"authorization"})
 _KEEP_RESPONSE = frozenset({b"content-length"})
 
 
-def raw_request_head(method: str, target: str, raw: list, own: frozenset[bytes],
-                     add: list[tuple[str, str]], has_connection: bool = True) -> bytes:
-    """scrub_request + the engine's own headers, on parser bytes: drops hop-by-hop, what
-    Connection names, client Forwarded/X-Forwarded-*/X-Real-IP/X-SGE-*/Proxy-*, and the names in
-    `own` (which `add` then sets)."""
-    drop = _REQUEST_DROP_B | own  # has_connection=False: the caller saw no Connection header
+def _raw_head(first_line: str, raw: list, drop: frozenset[bytes], prefixes: tuple[bytes, ...],
+              keep: frozenset[bytes], add: list[tuple[str, str]], has_connection: bool) -> bytes:
+    """One message head from parser bytes: the start line, the raw headers not in `drop` (nor
+    starting with `prefixes`, nor named by Connection unless in `keep`), then `add`."""
     if has_connection:
-        drop = drop | _raw_connection_tokens(raw, _KEEP_REQUEST)
-    parts = [f"{method} {target} HTTP/1.1\r\n".encode("latin-1")]
-    prefixes = _REQUEST_PREFIXES_B
+        drop = drop | _raw_connection_tokens(raw, keep)
+    parts = [first_line.encode("latin-1")]
     for ln, n, v in raw:
         if ln in drop or ln.startswith(prefixes):
             continue
@@ -139,19 +136,18 @@ def raw_request_head(method: str, target: str, raw: list, own: frozenset[bytes],
     return b"".join(parts)
 
 
+def raw_request_head(method: str, target: str, raw: list, own: frozenset[bytes],
+                     add: list[tuple[str, str]], has_connection: bool = True) -> bytes:
+    """scrub_request + the engine's own headers, on parser bytes: drops hop-by-hop, what
+    Connection names, client Forwarded/X-Forwarded-*/X-Real-IP/X-SGE-*/Proxy-*, and the names in
+    `own` (which `add` then sets). has_connection=False: the caller saw no Connection header."""
+    return _raw_head(f"{method} {target} HTTP/1.1\r\n", raw, _REQUEST_DROP_B | own, _REQUEST_PREFIXES_B,
+                     _KEEP_REQUEST, add, has_connection)
+
+
 def raw_response_head(status: int, reason: str, raw: list, add: list[tuple[str, str]],
                       drop_extra: frozenset[bytes] = frozenset(), has_connection: bool = True) -> bytes:
     """scrub_response on parser bytes, plus `add` (names in drop_extra are dropped first).
     has_connection=False promises the caller saw no Connection header (skips looking)."""
-    drop = _RESPONSE_DROP_B | drop_extra
-    if has_connection:
-        drop = drop | _raw_connection_tokens(raw, _KEEP_RESPONSE)
-    parts = [f"HTTP/1.1 {status} {reason or reason_phrase(status)}\r\n".encode("latin-1")]
-    for ln, n, v in raw:
-        if ln in drop or ln.startswith(b"proxy-"):
-            continue
-        parts += (n, b": ", v, b"\r\n")
-    for k, v in add:
-        parts.append(f"{k}: {v}\r\n".encode("latin-1"))
-    parts.append(b"\r\n")
-    return b"".join(parts)
+    return _raw_head(f"HTTP/1.1 {status} {reason or reason_phrase(status)}\r\n", raw,
+                     _RESPONSE_DROP_B | drop_extra, (b"proxy-",), _KEEP_RESPONSE, add, has_connection)

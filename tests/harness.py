@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import re
 import subprocess
 import sys
@@ -166,3 +165,19 @@ class ProxyProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
+
+
+class RouteTo:
+    """A test addon that sets the route the way addons/resolver.py does: flow.upstream and the
+    fallbacks the engine fails over to."""
+    name = "test_route"
+
+    def __init__(self, primary: str, *fallbacks: str) -> None:
+        from proxy.target import parse_target
+        self.primary = parse_target(primary, name="tenant:acme")
+        self.fallbacks = tuple(parse_target(u, name="tenant:acme") for u in fallbacks)
+
+    def requestheaders(self, flow) -> None:
+        from proxy.health import FALLBACKS
+        flow.upstream = self.primary
+        flow.metadata[FALLBACKS] = self.fallbacks

@@ -23,9 +23,9 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-from proxy.health import FALLBACKS
+
 from proxy.target import parse_target
-from tests.harness import ROOT, start_app, start_proxy
+from tests.harness import ROOT, RouteTo, start_app, start_proxy
 
 CLIENTS = [f"127.0.0.{i}" for i in range(2, 6)]
 WORKERS_PER_CLIENT = 4
@@ -80,18 +80,6 @@ class Upstream:
     @property
     def url(self) -> str:
         return f"https://127.0.0.1:{self.port}"
-
-
-class RouteTo:
-    name = "test_route"
-
-    def __init__(self, primary: str, *fallbacks: str) -> None:
-        self.primary = parse_target(primary, name="tenant:acme")
-        self.fallbacks = tuple(parse_target(u, name="tenant:acme") for u in fallbacks)
-
-    def requestheaders(self, flow) -> None:
-        flow.upstream = self.primary
-        flow.metadata[FALLBACKS] = self.fallbacks
 
 
 async def load(base: str, stop: asyncio.Event, log: list) -> None:

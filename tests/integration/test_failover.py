@@ -13,9 +13,8 @@ import pytest
 from aiohttp import web
 
 from proxy.admin import AdminServer
-from proxy.health import FALLBACKS
 from proxy.target import parse_target
-from tests.harness import start_app, start_proxy
+from tests.harness import RouteTo, start_app, start_proxy
 
 STATE: web.AppKey[dict] = web.AppKey("state", dict)
 FAST = {  # small numbers so that a test sees every transition within a second or two
@@ -57,19 +56,6 @@ def server_app(name: str) -> web.Application:
     app.router.add_route("*", "/drop", drop)
     app.router.add_route("*", "/{tail:.*}", echo)
     return app
-
-
-class RouteTo:
-    """Sets the route the way addons/resolver.py does: flow.upstream and the fallbacks."""
-    name = "test_route"
-
-    def __init__(self, primary: str, *fallbacks: str) -> None:
-        self.primary = parse_target(primary, name="tenant:acme")
-        self.fallbacks = tuple(parse_target(u, name="tenant:acme") for u in fallbacks)
-
-    def requestheaders(self, flow) -> None:
-        flow.upstream = self.primary
-        flow.metadata[FALLBACKS] = self.fallbacks
 
 
 def dead_url() -> str:
@@ -217,7 +203,7 @@ async def test_failures_from_three_clients_open_the_breaker_then_a_trial_closes_
 
 # ---------------------------------------------------------------------------- health checks
 async def test_health_checks_steer_traffic_and_readiness_follows_the_default(certs, servers, proxies, clients):
-    (sa, a), (sb, b) = servers["a"], servers["b"]
+    (sa, a), (_, b) = servers["a"], servers["b"]
     eng, base = await proxies(certs, a, RouteTo(a, b), **{"stalwart.health_interval": "100ms"})
     origin = parse_target(a).origin
     assert (await call(clients[0], base + "/jmap/"))[1]["server"] == "a"
@@ -243,7 +229,7 @@ async def test_health_checks_steer_traffic_and_readiness_follows_the_default(cer
 
 
 async def test_unhealthy_everywhere_still_tries_the_primary(certs, servers, proxies, clients):
-    (sa, a), (sb, b) = servers["a"], servers["b"]
+    (sa, a), (_, b) = servers["a"], servers["b"]
     sa["ready"] = sb["ready"] = 404  # a health endpoint that is wrong while the API works
     eng, base = await proxies(certs, a, RouteTo(a, b), **{"stalwart.health_interval": "100ms"})
     assert (await call(clients[0], base + "/jmap/"))[0] == 200  # the route is in use: b is checked too
