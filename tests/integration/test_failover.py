@@ -229,7 +229,7 @@ async def test_health_checks_steer_traffic_and_readiness_follows_the_default(cer
 
 
 async def test_unhealthy_everywhere_still_tries_the_primary(certs, servers, proxies, clients):
-    (sa, a), (_, b) = servers["a"], servers["b"]
+    (sa, a), (sb, b) = servers["a"], servers["b"]
     sa["ready"] = sb["ready"] = 404  # a health endpoint that is wrong while the API works
     eng, base = await proxies(certs, a, RouteTo(a, b), **{"stalwart.health_interval": "100ms"})
     assert (await call(clients[0], base + "/jmap/"))[0] == 200  # the route is in use: b is checked too
