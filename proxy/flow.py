@@ -88,7 +88,7 @@ class Request(_Message):
     """
 
     __slots__ = ("method", "_target", "_path", "http_version", "_headers", "body", "scheme", "host",
-                 "body_cap", "content_length", "chunked", "_stream", "raw", "peer", "raw_connection")
+                 "body_cap", "content_length", "chunked", "_stream", "raw", "peer", "raw_connection", "edits")
 
     def __init__(self, method: str, target: str, headers: CIMultiDict | None = None, *,
                  http_version: str = "1.1", body: bytes | None = None, scheme: str = "http",
@@ -100,6 +100,8 @@ class Request(_Message):
         self.raw = raw      # the parser's headers until someone reads .headers
         self.peer = peer
         self.raw_connection = True  # False: the parser saw no Connection header
+        # set_header() calls made while .headers was not built: {lower name: (name, value or None)}
+        self.edits: dict[bytes, tuple[str, str | None]] | None = None
         self.body = body
         self.scheme = scheme
         self.host = host
@@ -110,6 +112,28 @@ class Request(_Message):
 
     def _scrub(self, h: CIMultiDict) -> None:
         scrub_request(h, self.peer, self.scheme)
+        edits, self.edits = self.edits, None
+        if edits:
+            for name, value in edits.values():
+                if value is None:
+                    h.popall(name, None)
+                else:
+                    h[name] = value
+
+    def set_header(self, name: str, value: str | None) -> None:
+        """Replace every `name` header the upstream will get with one of `value` (None: remove
+        them all), without building .headers when nobody has: the engine applies the edit to the
+        parser's bytes when it writes the head (later edits of a name win)."""
+        h = self._headers
+        if h is not None:
+            if value is None:
+                h.popall(name, None)
+            else:
+                h[name] = value
+            return
+        if self.edits is None:
+            self.edits = {}
+        self.edits[name.lower().encode("latin-1")] = (name, value)
 
     def header(self, name: str) -> str | None:
         """`headers.get(name)` (the first value, or None) without building .headers when it can:
@@ -119,6 +143,11 @@ class Request(_Message):
         if h is not None:
             return h.get(name)
         lname = name.lower()
+        edits = self.edits
+        if edits is not None:
+            edit = edits.get(lname.encode("latin-1"))
+            if edit is not None:
+                return edit[1]
         kind = _scrub_kind(lname)
         if kind == _DROP:
             return None

@@ -49,6 +49,9 @@ _ENGINE_READS = frozenset({b"host", b"content-length", b"transfer-encoding", b"e
                            b"connection"})
 # what the engine sets itself on the upstream request (dropped from the client's, then added)
 _ENGINE_SETS = frozenset({b"host", b"x-request-id", b"expect", b"content-length", b"transfer-encoding"})
+# names whose value the engine decides on the upstream request (an addon's set_header() of one of
+# these is resolved on the materialised headers instead of the raw bytes)
+_ENGINE_OWNED = _ENGINE_SETS | {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
 _RID_PREFIX = os.urandom(6).hex()  # per process, so ids stay unique across workers
 _rid_counter = itertools.count(1)
 
@@ -517,6 +520,9 @@ class HttpProtocol(asyncio.Protocol):
         """The upstream request head for `target` (called again for another server on a retry)."""
         req = flow.request
         upath = target.base_path + req.target if target.base_path else req.target
+        edits = req.edits
+        if edits is not None and not _ENGINE_OWNED.isdisjoint(edits):
+            req.headers  # an addon set a header the engine sets too: resolve it on the dict
         if req.headers_read:  # an addon saw (and maybe changed) the headers: serialise those
             h = req.headers
             h["Host"] = target.authority
@@ -533,7 +539,11 @@ class HttpProtocol(asyncio.Protocol):
         if req.host:
             add.append(("X-Forwarded-Host", req.host))
         add.extend(framing)
-        return raw_request_head(req.method, upath, req.raw, _ENGINE_SETS, add, req.raw_connection)
+        drop = _ENGINE_SETS
+        if edits:  # set_header() on the bytes: drop the client's, add the addon's
+            drop = drop | edits.keys()
+            add.extend([(n, v) for n, v in edits.values() if v is not None])
+        return raw_request_head(req.method, upath, req.raw, drop, add, req.raw_connection)
 
     async def _body_frames(self, flow: Flow, body: RequestBody, *, chunked: bool) -> AsyncIterator[bytes]:
         while True:

@@ -365,3 +365,36 @@ async def test_server_sent_events_stream_through_unbuffered(proxy, client):
     # sent at ~0, 0.2, 0.4, 0.6, 0.8 s: each must arrive close to its own send time
     for n, at in arrivals:
         assert at < 0.2 * n + 0.15, f"event {n} arrived at {at:.2f}s: buffered"
+
+
+class _SetHeaders:
+    """Sets headers with Request.set_header; `read` first builds .headers (the dict path)."""
+
+    def __init__(self, read: bool) -> None:
+        self.read = read
+
+    def requestheaders(self, flow) -> None:
+        req = flow.request
+        if self.read:
+            assert req.headers.get("X-Remove-Me") == "1"
+        req.set_header("Authorization", "Basic bmV3OnNlY3JldA==")
+        req.set_header("X-SGE-User-ID", "alice")
+        req.set_header("X-Remove-Me", None)
+
+
+@pytest.mark.parametrize("read", [False, True], ids=["raw-bytes", "materialised"])
+async def test_set_header_reaches_upstream_once(certs, upstream, client, read):
+    eng = await start_proxy(certs, upstream[1], addon_objects=[_SetHeaders(read)])
+    try:
+        headers = {"Authorization": "Bearer client", "X-SGE-User-ID": "mallory", "X-Remove-Me": "1",
+                   "Accept": "application/json"}
+        async with client.get(f"http://127.0.0.1:{eng.port}/jmap/", headers=headers) as r:
+            assert r.status == 200
+            got = await r.json()
+    finally:
+        await eng.stop(drain_timeout=1)
+    sent = [(k.lower(), v) for k, v in got["headers"]]
+    assert [v for k, v in sent if k == "authorization"] == ["Basic bmV3OnNlY3JldA=="]
+    assert [v for k, v in sent if k == "x-sge-user-id"] == ["alice"]
+    assert [v for k, v in sent if k == "x-forwarded-for"] == ["127.0.0.1"]
+    assert "x-remove-me" not in dict(sent) and dict(sent)["accept"] == "application/json"

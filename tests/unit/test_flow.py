@@ -38,3 +38,27 @@ def test_header_reads_the_built_headers_once_they_exist():
     req.headers["Accept"] = "b"
     assert req.header("accept") == "b"
     assert Request("GET", "/", CIMultiDict({"X-A": "1"})).header("x-a") == "1"
+
+
+# set_header on the parser's bytes must give the upstream what the same edit on .headers gives
+@pytest.mark.parametrize("pairs, edits", [
+    ((("Accept", "a"),), [("X-SGE-User-ID", "alice")]),                           # new name
+    ((("Authorization", "Bearer a"), ("Authorization", "Bearer b")),
+     [("Authorization", "Basic eA==")]),                                          # replaces both
+    ((("X-Api-Key", "k"), ("Accept", "a")), [("x-api-key", None)]),               # removal
+    ((("Accept", "a"),), [("X-SGE-A", "1"), ("x-sge-a", "2")]),                   # later edit wins
+    ((("Accept", "a"),), [("X-Gone", None)]),                                     # removing nothing
+])
+def test_set_header_on_raw_bytes_matches_the_dict(pairs, edits):
+    lazy, eager = parsed(*pairs), parsed(*pairs)
+    eager.headers  # built first: edits go to the dict
+    for name, value in edits:
+        lazy.set_header(name, value)
+        eager.set_header(name, value)
+    assert not lazy.headers_read
+    for name, _ in edits:  # header() sees the edit without building anything
+        assert lazy.header(name) == eager.headers.get(name)
+    assert not lazy.headers_read
+    built = lazy.headers  # building later applies the recorded edits
+    assert list(built.items()) == list(eager.headers.items())
+    assert lazy.edits is None
