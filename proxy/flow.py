@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from multidict import CIMultiDict
 
-from .http1 import scrub_request, scrub_response
+from .http1 import RESPONSE_SCRUBBED as _RESPONSE_SCRUBBED, scrub_request, scrub_response
 
 if TYPE_CHECKING:
     from .identity import Identity
@@ -191,7 +191,8 @@ class Request(_Message):
 class Response(_Message):
     """A response, from upstream or made by an addon (`Response.make`)."""
 
-    __slots__ = ("status", "reason", "_headers", "body", "body_cap", "http_version", "_stream", "raw")
+    __slots__ = ("status", "reason", "_headers", "body", "body_cap", "http_version", "_stream", "raw",
+                 "raw_connection")
 
     def __init__(self, status: int, headers: CIMultiDict | None = None, body: bytes | None = None,
                  *, reason: str = "", http_version: str = "1.1", raw: "RawHeaders | None" = None) -> None:
@@ -199,6 +200,7 @@ class Response(_Message):
         self.reason = reason
         self._headers = headers if headers is not None or raw is not None else CIMultiDict()
         self.raw = raw
+        self.raw_connection = True  # False: the upstream sent no Connection header
         self.body = body
         self.body_cap: int | None = None
         self.http_version = http_version
@@ -216,10 +218,26 @@ class Response(_Message):
     def _scrub(self, h: CIMultiDict) -> None:
         scrub_response(h)
 
+    def header(self, name: str) -> str | None:
+        """`headers.get(name)` without building .headers when the parser's bytes give the same
+        answer (no Connection header to honour, a name the scrubbing keeps)."""
+        h = self._headers
+        if h is not None:
+            return h.get(name)
+        lname = name.lower()
+        if lname in _RESPONSE_SCRUBBED or lname.startswith("proxy-"):
+            return None
+        if self.raw_connection:
+            return self.headers.get(name)
+        key = lname.encode("latin-1")
+        for ln, _, v in self.raw:
+            if ln == key:
+                return v.decode("latin-1")
+        return None
 
     @property
     def content_type(self) -> str:
-        return self.headers.get("Content-Type", "").split(";", 1)[0].strip().lower()
+        return (self.header("Content-Type") or "").split(";", 1)[0].strip().lower()
 
     def __repr__(self) -> str:
         return f"<Response {self.status}>"

@@ -6,7 +6,7 @@ from http import HTTPStatus
 
 from multidict import CIMultiDict
 
-__all__ = ["HOP_BY_HOP", "scrub_request", "scrub_response", "request_head", "response_head",
+__all__ = ["HOP_BY_HOP", "RESPONSE_SCRUBBED", "scrub_request", "scrub_response", "request_head", "response_head",
            "valid_request_id", "reason_phrase", "connection_tokens", "rewrite_location",
            "raw_request_head", "raw_response_head"]
 
@@ -43,6 +43,7 @@ def connection_tokens(headers: CIMultiDict) -> set[str]:
 
 _REQUEST_DROP = HOP_BY_HOP | _CLIENT_SPOOFABLE
 _RESPONSE_DROP_ALL = HOP_BY_HOP | _RESPONSE_DROP
+RESPONSE_SCRUBBED = _RESPONSE_DROP_ALL  # what scrub_response always drops (and every Proxy-*)
 
 
 def _drop(headers: CIMultiDict, names: frozenset[str] | set[str], prefixes: tuple[str, ...]) -> None:

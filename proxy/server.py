@@ -417,7 +417,8 @@ class HttpProtocol(asyncio.Protocol):
         up = None
         if flow.response is None:
             up = await self._forward(flow, body)
-            flow.response = Response(up.status, None, None, reason=up.reason, raw=up.raw)
+            flow.response = resp = Response(up.status, None, None, reason=up.reason, raw=up.raw)
+            resp.raw_connection = up.connection
             if up.location:
                 rh = flow.response.headers
                 rh["Location"] = rewrite_location(rh["Location"], flow.upstream.origin)  # type: ignore[union-attr]

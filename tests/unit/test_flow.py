@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict
 
-from proxy.flow import Request
+from proxy.flow import Request, Response
 
 
 def raw(*pairs: tuple[str, str]) -> list[tuple[bytes, bytes, bytes]]:
@@ -62,3 +62,22 @@ def test_set_header_on_raw_bytes_matches_the_dict(pairs, edits):
     built = lazy.headers  # building later applies the recorded edits
     assert list(built.items()) == list(eager.headers.items())
     assert lazy.edits is None
+
+
+@pytest.mark.parametrize("pairs, name, connection, materialised", [
+    ((("Content-Type", "application/json"),), "content-type", False, False),
+    ((("Content-Type", "a"), ("Content-Type", "b")), "Content-Type", False, False),  # the first
+    ((("Alt-Svc", "h3=\":443\""),), "Alt-Svc", False, False),                 # always dropped
+    ((("Proxy-Foo", "1"),), "proxy-foo", False, False),
+    ((("Keep-Alive", "timeout=5"),), "Keep-Alive", False, False),            # hop-by-hop
+    ((("Connection", "X-Private"), ("X-Private", "1")), "X-Private", True, True),
+    ((("Server", "x"),), "Date", False, False),
+])
+def test_response_header_answers_like_the_scrubbed_headers(pairs, name, connection, materialised):
+    def make() -> Response:
+        resp = Response(200, raw=raw(*pairs))
+        resp.raw_connection = connection
+        return resp
+    resp = make()
+    assert resp.header(name) == make().headers.get(name)
+    assert resp.headers_read is materialised
