@@ -30,9 +30,9 @@ from proxy.jwks import JwksCache, JwksUnavailable
 from proxy.options import build
 from proxy.secrets import SecretError
 from proxy.tokens import (REASONS, SUPPORTED_ALGORITHMS, ApiKeyRecord, ApiKeySource, ApiKeyStore, AuthFailure,
-                          ClaimRules, InlineKeySource, JwtPolicy, KeySet, TokenCache, VerifyKey, check_claims,
-                          hash_api_key, hmac_key, identity_from_claims, parse_header, public_key, select_keys,
-                          verify_signature)
+                          ClaimRules, HeaderMemo, InlineKeySource, JwtPolicy, KeySet, TokenCache, VerifyKey,
+                          check_claims, hash_api_key, hmac_key, identity_from_claims, parse_header, public_key,
+                          select_keys, verify_signature)
 
 if TYPE_CHECKING:
     from proxy.addonmanager import Loader
@@ -318,12 +318,15 @@ class Auth:
     security = True
     Options = AuthOptions
 
+    MEMO_SIZE = 1024  # Authorization header values remembered as bytes (HeaderMemo)
+
     def __init__(self) -> None:
         self._opts: AuthOptions | None = None
         self._static = KeySet()
         self._jwks: JwksCache | None = None
         self._store: ApiKeyStore | None = None
         self._cache = TokenCache(0)
+        self._memo = HeaderMemo(0)
         self._policy = JwtPolicy()
         self._rules = ClaimRules()
         self._public: frozenset[str] = frozenset()
@@ -340,6 +343,7 @@ class Auth:
         self._rules = ClaimRules(email_claim=jwt_o.email_claim, roles_claim=jwt_o.roles_claim,
                                  tenant_claim=jwt_o.tenant_claim, region_claim=jwt_o.region_claim)
         self._cache = TokenCache(jwt_o.cache_size)
+        self._memo = HeaderMemo(min(jwt_o.cache_size, self.MEMO_SIZE))
         m = loader.metrics
         failures = m.counter("sge_proxy_auth_failures_total", "Refused credentials by reason.", ("reason",))
         self._failures = {r: failures.labels(r) for r in REASONS}
@@ -399,6 +403,7 @@ class Auth:
         api_header = opts.api_keys.header
         prefix = opts.api_keys.bearer_prefix if self._store else ""
         api_raw = self._api_raw
+        sole: bytes | None = None  # the only Authorization value's bytes, when no API key header came
         try:
             if req.headers_read or req.raw_connection or api_raw is None:
                 headers = req.headers
@@ -407,22 +412,29 @@ class Auth:
                 finally:
                     headers.popall(api_header, None)  # an API key never goes upstream
             else:  # the parser's bytes hold the same values: no header dict built for this
-                authz: list[str] = []
+                authz_b: list[bytes] = []
                 keys: list[str] = []
                 for ln, _, v in req.raw:
                     if ln == b"authorization":
-                        authz.append(v.decode("latin-1"))
+                        authz_b.append(v)
                     elif ln == api_raw:
                         keys.append(v.decode("latin-1"))
                 if keys:
-                    req.headers.popall(api_header, None)  # an API key never goes upstream
-                found = credential_of(authz, keys, prefix, opts.jwt.max_token_bytes)
+                    req.set_header(api_header, None)  # an API key never goes upstream
+                elif len(authz_b) == 1:
+                    sole = authz_b[0]
+                    hit = self._memo.get(sole, time.time(), self._policy.leeway)
+                    if hit is not None:  # this very header was a verified JWT
+                        self._accept(flow, "jwt", hit[0], hit[1])
+                        return None
+                found = credential_of([v.decode("latin-1") for v in authz_b], keys, prefix,
+                                      opts.jwt.max_token_bytes)
         except AuthFailure as e:
             self._refuse(flow, e)
         if found is None:
             if opts.required and req.path not in self._public:
                 self._refuse(flow, AuthFailure("missing"))
-            return
+            return None
         kind, value = found
         try:
             if kind == "api_key":
@@ -430,18 +442,22 @@ class Auth:
             else:
                 ident = self._cache.get(value, time.time(), self._policy.leeway) if opts.jwt.enabled else None
                 if ident is None:
-                    return self._verified(flow, value)
+                    return self._verified(flow, value, sole)
         except AuthFailure as e:
             self._refuse(flow, e)
         self._accept(flow, kind, value, ident)
+        if sole is not None and kind == "jwt":
+            self._memo.put(sole, value, ident)
         return None
 
-    async def _verified(self, flow: "Flow", token: str) -> None:
+    async def _verified(self, flow: "Flow", token: str, sole: bytes | None) -> None:
         try:
             ident = await self._jwt(token)
         except AuthFailure as e:
             self._refuse(flow, e)
         self._accept(flow, "jwt", token, ident)
+        if sole is not None:
+            self._memo.put(sole, token, ident)
 
     def _accept(self, flow: "Flow", kind: str, value: str, ident: Identity) -> None:
         flow.identity = ident

@@ -152,7 +152,6 @@ class HeaderSigner:
         if opts is None or ring is None:
             raise RuntimeError("header_signer used before load")
         req = flow.request
-        strip_sge_headers(req.headers)
         body: bytes | None
         if opts.sign_body == "never":
             body = None
@@ -167,7 +166,20 @@ class HeaderSigner:
             user = tenant = session = None
         else:
             user, tenant, session = ident.subject, ident.tenant, ident.session_id
-        req.headers.extend(sign(ring, req.method, upstream_target(flow), user_id=user, tenant=tenant,
-                                session_id=session, request_id=flow.id,
-                                timestamp=int(self._clock()), body=body))
+        signed = sign(ring, req.method, upstream_target(flow), user_id=user, tenant=tenant,
+                      session_id=session, request_id=flow.id, timestamp=int(self._clock()), body=body)
+        if req.headers_read:
+            h = req.headers
+            strip_sge_headers(h)
+            h.extend(signed)
+        else:
+            # the engine drops the client's X-SGE-* from the parser's bytes; an earlier addon's
+            # set_header() of one is an edit: remove it too, then set ours (one value each)
+            edits = req.edits
+            if edits:
+                for key, (name, _) in list(edits.items()):
+                    if key[:6] == b"x-sge-":
+                        req.set_header(name, None)
+            for name, value in signed:
+                req.set_header(name, value)
         self._counts["unsigned" if body is None else "hashed"].inc()

@@ -17,10 +17,11 @@ request is never forwarded.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Hashable
+from typing import TYPE_CHECKING, Any, Callable, Hashable
 from urllib.parse import unquote, urljoin, urlsplit
 
 from proxy.cache import SingleFlight, TTLCache
@@ -84,9 +85,11 @@ def account_path(path: str, jmap_path: str) -> tuple[str, str | None] | None:
     None for a path outside jmap_path. Raises Forbidden for dot segments, empty inner segments
     or an encoded slash, which an upstream might normalise into another path. Pure."""
     base = jmap_path.rstrip("/")
-    if path != base and not path.startswith(base + "/"):
+    if path == base:
+        return "", None
+    if not path.startswith(base + "/"):
         return None
-    segs = path[len(base) + 1:].split("/") if path != base else []
+    segs = path[len(base) + 1:].split("/")
     decoded = [unquote(s) for s in segs]
     for i, s in enumerate(decoded):
         if s in (".", "..") or "/" in s or "\\" in s or "\x00" in s or (s == "" and i < len(decoded) - 1):
@@ -165,11 +168,13 @@ class JmapGuard:
         self._cache.clear()
 
     # ------------------------------------------------------------------ hooks
-    async def requestheaders(self, flow: "Flow") -> None:
+    def requestheaders(self, flow: "Flow") -> Any:
+        """Checks the path (and, for API requests and blob paths, the user's session). Returns a
+        coroutine only when the session is not cached yet."""
         if flow.identity is None:
-            return
+            return None
         try:
-            await self._check_head(flow)
+            return self._check_head(flow)
         except ProxyError as e:
             self._count(e)
             raise
@@ -180,18 +185,23 @@ class JmapGuard:
         if flow.identity is None or not is_api_request(flow, self._jmap_path):
             return None
         try:
-            entry = self._cached(flow)
-            if entry is None:
-                return self._request_fetching(flow)
-            self._check_api(flow, entry)
+            return self._with_entry(flow, self._check_api)
         except ProxyError as e:
             self._count(e)
             raise
+
+    def _with_entry(self, flow: "Flow", check: Callable[["Flow", SessionEntry], None]) -> Any:
+        """`check(flow, entry)` with the user's session entry: now when it is cached (None), else
+        a coroutine that fetches it first."""
+        entry = self._cached(flow)
+        if entry is None:
+            return self._fetching(flow, check)
+        check(flow, entry)
         return None
 
-    async def _request_fetching(self, flow: "Flow") -> None:
+    async def _fetching(self, flow: "Flow", check: Callable[["Flow", SessionEntry], None]) -> None:
         try:
-            self._check_api(flow, await self._entry(flow))
+            check(flow, await self._entry(flow))
         except ProxyError as e:
             self._count(e)
             raise
@@ -216,34 +226,42 @@ class JmapGuard:
         return (await self._entry(flow)).own
 
     # ------------------------------------------------------------------ internals
-    async def _check_head(self, flow: "Flow") -> None:
-        path = flow.request.path
-        parsed = account_path(path, self._jmap_path)
+    def _check_head(self, flow: "Flow") -> Any:
+        """None when the head may go on, a coroutine when the session must be fetched first;
+        raises the refusal."""
+        parsed = account_path(flow.request.path, self._jmap_path)
         if parsed is None:
-            return
+            return None
         if not self._opts.allow_websocket and "websocket" in (flow.request.header("Upgrade") or "").lower():
             raise _refused(Forbidden("JMAP over WebSocket is not available through this proxy."), "websocket")
         kind, acct = parsed
         if kind in ("upload", "download"):
             if acct is None:
                 raise _refused(Forbidden(f"The {kind} path names no account."), "foreign_account")
-            entry = await self._entry(flow)
-            if acct not in entry.own:
-                raise _refused(Forbidden(f"The {kind} path names an account that is not yours."),
-                               "foreign_account")
-            if kind == "upload":
-                n = _content_length(flow)
-                if n is not None and n > entry.session.limits.max_size_upload:
-                    raise _refused(limit_error(
-                        PayloadTooLarge, "maxSizeUpload",
-                        f"The upload is larger than {entry.session.limits.max_size_upload} bytes."), "too_large")
-            return
+            return self._with_entry(flow, functools.partial(self._check_blob, kind, acct))
         if is_api_request(flow, self._jmap_path):
-            entry = await self._entry(flow)
+            return self._with_entry(flow, self._check_api_head)
+        return None
+
+    @staticmethod
+    def _check_blob(kind: str, acct: str, flow: "Flow", entry: SessionEntry) -> None:
+        if acct not in entry.own:
+            raise _refused(Forbidden(f"The {kind} path names an account that is not yours."), "foreign_account")
+        if kind == "upload":
             n = _content_length(flow)
-            if n is not None:
-                self._check_size(n, entry.session.limits)
-            flow.request.want_body(entry.session.limits.max_size_request)
+            if n is not None and n > entry.session.limits.max_size_upload:
+                raise _refused(limit_error(
+                    PayloadTooLarge, "maxSizeUpload",
+                    f"The upload is larger than {entry.session.limits.max_size_upload} bytes."), "too_large")
+
+    def _check_api_head(self, flow: "Flow", entry: SessionEntry) -> None:
+        limits = entry.session.limits
+        n = flow.request.content_length
+        if n is None:
+            n = _content_length(flow)
+        if n is not None:
+            self._check_size(n, limits)
+        flow.request.want_body(limits.max_size_request)
 
     @staticmethod
     def _check_size(n: int, limits: Limits) -> None:
@@ -265,9 +283,11 @@ class JmapGuard:
 
     def _cached(self, flow: "Flow") -> SessionEntry | None:
         """The cached entry of the flow's user on its target (counted as a hit), else None."""
-        if flow.identity is None:
+        ident = flow.identity
+        if ident is None:
             raise Unauthorized("Authentication is required.")
-        entry = self._cache.get((flow.identity.subject, self._target(flow).key))
+        target = flow.upstream or self._target(flow)
+        entry = self._cache.get((ident.subject, target.key))
         if entry is not None:
             self._hits.inc()
         return entry
@@ -341,14 +361,14 @@ class JmapGuard:
             if creds is not None:
                 items = creds.items() if hasattr(creds, "items") else creds
                 return [(str(k), str(v)) for k, v in items]
-        auth = flow.request.headers.get("Authorization")
+        auth = flow.request.header("Authorization")
         return [("Authorization", auth)] if auth else []
 
 
 def _content_length(flow: "Flow") -> int | None:
     if flow.request.content_length is not None:
         return flow.request.content_length
-    raw = flow.request.headers.get("Content-Length")
+    raw = flow.request.header("Content-Length")
     if raw is None:
         return None
     try:

@@ -148,14 +148,19 @@ class Policy:
         cache = self._cache
         if cache.policy_set is not self.policy_set:  # reloaded (or replaced): start afresh
             cache = self._cache = DecisionCache(self.policy_set)
-        key = cache.key(req.method, req.path, names, using, flow.identity, flow.client_addr)
+        now = self._clock() if cache.windows else None  # the clock matters only to time windows
+        key = cache.key(req.method, req.path, names, using, flow.identity, flow.client_addr, now)
         decision = cache.get(key) if key is not None else None
         if decision is None:
             decision = evaluate(self.policy_set, Facts(
-                method=req.method, path=req.path, now=self._clock(), jmap_methods=names, using=using,
-                identity=flow.identity, source_ip=flow.client_addr))
+                method=req.method, path=req.path, now=now or self._clock(), jmap_methods=names,
+                using=using, identity=flow.identity, source_ip=flow.client_addr))
             if key is not None:
                 cache.put(key, decision)
+        child = self._children.get((decision.policy, decision.effect))
+        if child is not None and decision.allowed and not log.isEnabledFor(logging.DEBUG):
+            child.inc()  # the common case: a counted allow, nothing to log
+            return
         self._record(flow, decision)
         if not decision.allowed and self._opts.mode == "enforce":
             raise Forbidden(_detail(flow, decision),
@@ -175,7 +180,7 @@ class Policy:
         if req is None:
             raise BadRequest("The JMAP request has no body.",
                              extra={"jmapType": "urn:ietf:params:jmap:error:notJSON"})
-        return tuple(c.name for c in req.calls), req.using
+        return req.names, req.using
 
     def _record(self, flow: "Flow", d: Decision) -> None:
         mode = self._opts.mode

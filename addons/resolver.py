@@ -200,39 +200,66 @@ class Resolver:
         self._cache.clear()
 
     # ------------------------------------------------------------------ the hook
-    async def requestheaders(self, flow: "Flow") -> None:
+    def requestheaders(self, flow: "Flow") -> Any:
+        """Sets flow.upstream (and the fallbacks) or refuses. Returns a coroutine only when the
+        decision is not cached (a secret read, or the custom resolver)."""
         ident = flow.identity
         if ident is None:
-            return
+            return None
+        home: str | None = None
         try:
             if self._mode == "custom":
-                route = await self._decide(("custom", ident.subject, flow.route),
-                                           lambda: self._ask_custom(ident, flow.route))
+                key: Hashable = ("custom", ident.subject, flow.route)
+                make: Callable[[], Any] = lambda: self._ask_custom(ident, flow.route)
             else:
                 home = home_region(ident, self._mode, tenant_regions=self._opts.tenant_regions,
                                    default_region=self._default_region, strict=self._strict)
                 lookup = lookup_for(ident, self._mode, home=home, tenant_path=self._opts.tenant_path,
                                     region_path=self._opts.region_path)
-                route = await self._decide(lookup.key, lambda: self._read(lookup))
-                if self._strict:
-                    route, dropped = apply_residency(route, home)
-                    if dropped:
-                        self._audit_dropped(flow, ident, home, dropped)
-        except ResidencyRefused as e:
+                key = lookup.key
+                make = lambda: self._read(lookup)
+            hit = self._cache.get(key)
+            if hit is None:
+                return self._deciding(flow, ident, home, key, make)
+            self._hit.inc()
+            if not isinstance(hit, Route):
+                raise hit.again()
+            self._apply(flow, ident, home, hit)
+        except ProxyError as e:
+            self._count_refusal(flow, ident, e)
+            raise
+        return None
+
+    async def _deciding(self, flow: "Flow", ident: "Identity", home: str | None, key: Hashable,
+                        make: Callable[[], Any]) -> None:
+        try:
+            # shared by concurrent misses; a client that goes away does not cancel the others' decision
+            route = await self._inflight.run(key, make, label=str(key[0]),  # type: ignore[index]
+                                             on_join=lambda join: self._lookups.labels(join).inc())
+            self._apply(flow, ident, home, route)
+        except ProxyError as e:
+            self._count_refusal(flow, ident, e)
+            raise
+
+    def _apply(self, flow: "Flow", ident: "Identity", home: str | None, route: Route) -> None:
+        if self._strict:
+            route, dropped = apply_residency(route, home)
+            if dropped:
+                self._audit_dropped(flow, ident, home, dropped)
+        flow.upstream = route.primary.target
+        flow.metadata[FALLBACKS] = tuple(s.target for s in route.fallbacks)
+        self._ok.inc()
+
+    def _count_refusal(self, flow: "Flow", ident: "Identity", e: ProxyError) -> None:
+        if isinstance(e, ResidencyRefused):
             self._residency.labels(self._mode, "route").inc()
             self._decisions.labels(self._mode, e.result).inc()
             audit.warning("residency: refused request=%s user=%s tenant=%s: %s", flow.id, ident.subject,
                           ident.tenant, e.reason)
-            raise
-        except (NoRoute, InvalidRoute, RoutingUnavailable) as e:
+        elif isinstance(e, (NoRoute, InvalidRoute, RoutingUnavailable)):
             self._decisions.labels(self._mode, e.result).inc()
-            raise
-        except ProxyError:
+        else:
             self._decisions.labels(self._mode, "refused").inc()
-            raise
-        flow.upstream = route.primary.target
-        flow.metadata[FALLBACKS] = tuple(s.target for s in route.fallbacks)
-        self._ok.inc()
 
     def _audit_dropped(self, flow: "Flow", ident: "Identity", home: str | None, dropped: tuple) -> None:
         """Counted per request; audited once per (route, fallback, region) until the next reload
@@ -250,17 +277,6 @@ class Resolver:
                           s.target.name, s.target.authority, s.region)
 
     # ------------------------------------------------------------------ decisions
-    async def _decide(self, key: Hashable, make: Callable[[], Any]) -> Route:
-        hit = self._cache.get(key)
-        if hit is not None:
-            self._hit.inc()
-            if isinstance(hit, Route):
-                return hit
-            raise hit.again()
-        # shared by concurrent misses; a client that goes away does not cancel the others' decision
-        return await self._inflight.run(key, make, label=str(key[0]),
-                                        on_join=lambda join: self._lookups.labels(join).inc())
-
     async def _read(self, lookup: Lookup) -> Route:
         assert self._secrets is not None
         key = lookup.key

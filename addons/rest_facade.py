@@ -169,7 +169,7 @@ class RestFacade:
                 req = request_of(flow)
             except ProxyError:
                 req = None
-            if req is None or any(n in rest.WRITE_METHODS for n in req.method_names):
+            if req is None or not rest.WRITE_METHODS.isdisjoint(req.names):
                 flow.metadata[_WRITE] = True
         return None
 

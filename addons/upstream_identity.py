@@ -313,8 +313,9 @@ class UpstreamIdentity:
         plan = self.plan(flow)
         if plan.mode == "passthrough":
             return
-        creds = plan.headers(flow, self._clock())
-        h = flow.request.headers
-        h.popall("Authorization", None)
-        h.popall("Authorize-As", None)
-        h.extend(creds)
+        creds = dict(plan.headers(flow, self._clock()))  # each name at most once
+        req = flow.request  # set_header: no header dict built when nobody needs one
+        req.set_header("Authorization", creds.pop("Authorization", None))
+        req.set_header("Authorize-As", creds.pop("Authorize-As", None))
+        for name, value in creds.items():
+            req.set_header(name, value)

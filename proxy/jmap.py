@@ -41,13 +41,19 @@ class MethodCall:
 
 @dataclass(frozen=True, slots=True)
 class JmapRequest:
+    """`names`: the method names in call order (taken from `calls` when not given)."""
     using: tuple[str, ...]
     calls: tuple[MethodCall, ...]
     raw: dict[str, Any]
+    names: tuple[str, ...] = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.names is None:
+            object.__setattr__(self, "names", tuple([c.name for c in self.calls]))
 
     @property
     def method_names(self) -> list[str]:
-        return [c.name for c in self.calls]
+        return list(self.names)
 
     def account_ids(self) -> set[str]:
         return {a for c in self.calls for a in c.account_ids()}
@@ -70,12 +76,14 @@ def parse_request(body: bytes) -> JmapRequest:
     if not isinstance(calls, list):
         raise _not_request("`methodCalls` must be an array.")
     parsed = []
+    names = []
     for i, c in enumerate(calls):
         if (not isinstance(c, list) or len(c) != 3 or not isinstance(c[0], str)
                 or not isinstance(c[1], dict) or not isinstance(c[2], str)):
             raise _not_request(f"methodCalls[{i}] must be [name, arguments, callId].")
         parsed.append(MethodCall(c[0], c[1], c[2]))
-    return JmapRequest(tuple(using), tuple(parsed), doc)
+        names.append(c[0])
+    return JmapRequest(tuple(using), tuple(parsed), doc, tuple(names))
 
 
 def _not_request(detail: str) -> BadRequest:

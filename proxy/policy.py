@@ -23,7 +23,7 @@ import functools
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, Iterable, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -259,39 +259,67 @@ def evaluate(policy_set: PolicySet, facts: Facts) -> Decision:
     return Decision(True, "allow", route_allow.id, route_allow.reason, None, route_allow.policy)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_SECOND = timedelta(seconds=1)
+
+
 class DecisionCache:
     """Decisions of one PolicySet remembered per request shape (most traffic repeats a few).
 
     `key(...)` is everything a decision can depend on: the HTTP method, the path, the JMAP method
-    names and capabilities, the identity's presence, roles, tenant, auth method and scopes, and
-    the client address only when some rule has `cidrs`. A set with any `time` rule is not cached
-    at all (`enabled` is False): the clock is then part of every decision. Long paths and
-    requests with many method calls are not cached (key returns None), and at most `size`
-    entries are kept (the oldest go first). A reloaded policy is a new PolicySet, hence a new
-    cache. Pure."""
+    names and capabilities, the identity's presence, roles, tenant, auth method and scopes, the
+    client address only when some rule has `cidrs`, and, when some rule has `time` windows, which
+    of those windows contain `now` (`window_states`). Long paths and requests with many method
+    calls are not cached (key returns None), and at most `size` entries are kept (the oldest go
+    first). A reloaded policy is a new PolicySet, hence a new cache. Pure but for a memo of the
+    window states of the last second."""
 
-    __slots__ = ("policy_set", "enabled", "by_ip", "size", "_items")
+    __slots__ = ("policy_set", "enabled", "by_ip", "windows", "size", "_items", "_second", "_states")
 
     MAX_PATH = 512
     MAX_CALLS = 32
 
     def __init__(self, policy_set: PolicySet, size: int = 4096) -> None:
         self.policy_set = policy_set
-        self.enabled = size > 0 and not any(r.time is not None for r in policy_set.rules)
+        self.enabled = size > 0
         self.by_ip = any(r.cidrs is not None for r in policy_set.rules)
+        # every time window of every rule, in rule order: a decision reads the clock through these only
+        self.windows: tuple[TimeWindow, ...] = tuple(w for r in policy_set.rules if r.time for w in r.time)
         self.size = size
         self._items: dict[tuple, Any] = {}
+        self._second: int | None = None
+        self._states: tuple[bool, ...] = ()
+
+    def window_states(self, now: datetime) -> tuple[bool, ...]:
+        """Which of `windows` contain `now`. A window's answer reads the local weekday and minute
+        only, and time zone offsets are whole seconds, so it cannot change within one whole UTC
+        second: the answer of the last second asked is reused."""
+        if now.tzinfo is None:
+            now = now.replace(tzinfo=timezone.utc)
+        second = (now - _EPOCH) // _SECOND  # exact: no float rounding at a second's edge
+        if second != self._second:
+            self._states = tuple(w.contains(now) for w in self.windows)
+            self._second = second
+        return self._states
 
     def key(self, method: str, path: str, jmap_methods: tuple[str, ...] | None,
-            using: tuple[str, ...] | None, identity: Identity | None, source_ip: str) -> tuple | None:
-        """The cache key for a request, or None when its decision must not be cached."""
+            using: tuple[str, ...] | None, identity: Identity | None, source_ip: str,
+            now: datetime | None = None) -> tuple | None:
+        """The cache key for a request, or None when its decision must not be cached (`now` is
+        needed when the set has time windows)."""
         if not self.enabled or len(path) > self.MAX_PATH or (
                 jmap_methods is not None and len(jmap_methods) > self.MAX_CALLS) or (
                 using is not None and len(using) > self.MAX_CALLS):
             return None
+        if self.windows:
+            if now is None:
+                return None
+            when: tuple[bool, ...] | None = self.window_states(now)
+        else:
+            when = None
         who = None if identity is None else (identity.roles, identity.tenant, identity.method,
                                              identity.scopes)
-        return (method, path, jmap_methods, using, who, source_ip if self.by_ip else None)
+        return (method, path, jmap_methods, using, who, source_ip if self.by_ip else None, when)
 
     def get(self, key: tuple) -> Any:
         return self._items.get(key)

@@ -29,7 +29,7 @@ from .identity import Identity
 __all__ = [
     "REASONS", "SUPPORTED_ALGORITHMS", "AuthFailure", "VerifyKey", "KeySet", "JwtPolicy", "ClaimRules",
     "TokenHeader", "hmac_key", "public_key", "key_from_jwk", "parse_jwks", "parse_header", "select_keys",
-    "verify_signature", "check_claims", "identity_from_claims", "tenant_of", "TokenCache",
+    "verify_signature", "check_claims", "identity_from_claims", "tenant_of", "TokenCache", "HeaderMemo",
     "ApiKeyRecord", "ApiKeySource", "InlineKeySource", "ApiKeyStore", "hash_api_key",
 ]
 
@@ -423,7 +423,7 @@ class TokenCache:
     def get(self, token: str, now: float, leeway: float) -> Identity | None:
         if not self._size:
             return None
-        k = self._key(token)
+        k = hashlib.sha256(token.encode()).digest()
         ident = self._items.get(k)
         if ident is None:
             return None
@@ -436,6 +436,43 @@ class TokenCache:
         if not self._size:
             return
         self._items.put(self._key(token), ident)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+class HeaderMemo:
+    """Authorization header values, as the parser's bytes, that were the request's only
+    credential and carried a JWT that was verified -> (token, Identity). A repeat of such a value
+    skips decoding, parsing and hashing it: what the header says is a pure function of its bytes.
+    At most `size` entries (the oldest put goes first) of at most MAX_VALUE bytes each, so it
+    stays small however long the tokens; exp is re-checked on every hit, like TokenCache. Pure."""
+
+    __slots__ = ("size", "_items")
+
+    MAX_VALUE = 4096
+
+    def __init__(self, size: int = 1024) -> None:
+        self.size = size
+        self._items: dict[bytes, tuple[str, Identity]] = {}
+
+    def get(self, value: bytes, now: float, leeway: float) -> tuple[str, Identity] | None:
+        hit = self._items.get(value)
+        if hit is None:
+            return None
+        exp = hit[1].expires_at
+        if exp is not None and now > exp + leeway:
+            del self._items[value]
+            return None
+        return hit
+
+    def put(self, value: bytes, token: str, ident: Identity) -> None:
+        if self.size <= 0 or len(value) > self.MAX_VALUE:
+            return
+        items = self._items
+        if value not in items and len(items) >= self.size:
+            del items[next(iter(items))]
+        items[value] = (token, ident)
 
     def __len__(self) -> int:
         return len(self._items)

@@ -279,10 +279,14 @@ async def test_residency_audit_lines_and_dropped_fallbacks(certs, secrets_file, 
     again.identity = Identity(subject="eve", region="eu-west-1")
     await mgr.run("requestheaders", again)
     assert again.metadata[FALLBACKS] == ()
+    cached = Flow(Request("POST", "/jmap/", CIMultiDict()), id="r-cached")
+    cached.identity = Identity(subject="eve", region="eu-west-1")
+    assert mgr.get("resolver").requestheaders(cached) is None  # a cached decision: no waiting
+    assert cached.upstream == again.upstream and cached.metadata[FALLBACKS] == ()
     audit = [r for r in caplog.records if r.name == "sge.audit"]
     assert len(audit) == 1 and "r-strict" in audit[0].getMessage() and "eu-central-1" in audit[0].getMessage()
     assert mgr.metrics.registry.get_sample_value("sge_proxy_routing_residency_refused_total",
-                                                 {"mode": "region", "what": "fallback"}) == 2
+                                                 {"mode": "region", "what": "fallback"}) == 3  # per request
 
     flow = Flow(Request("POST", "/jmap/", CIMultiDict()), id="r-ada")
     flow.identity = Identity(subject="ada", tenant="acme", roles=frozenset({"tenant:acme"}), region="us-east-1")

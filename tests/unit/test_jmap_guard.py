@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import inspect
 from typing import AsyncIterator
 
 import orjson
@@ -459,3 +460,25 @@ async def test_double_is_faithful_where_the_proxy_depends_on_it() -> None:
         assert statuses == [200, 200, 200, 200, 400]  # the fifth concurrent request hits the limit
         refused = next(r for r in answers if r.status == 400)
         assert orjson.loads(refused.body)["limit"] == "maxConcurrentRequests"
+
+
+async def test_a_cached_session_is_checked_without_waiting() -> None:
+    async with stack(identity=IMPERSONATE) as s:
+        guard = s.mgr.get("jmap_guard")
+        first = s.flow("POST", "/jmap/", jmap(["Mailbox/get", {"accountId": "a"}, "0"]))
+        waiting = guard.requestheaders(first)
+        assert inspect.isawaitable(waiting)  # the session is fetched first
+        await waiting
+        for path, call, refused in [("/jmap/", ["Mailbox/get", {"accountId": "a"}, "0"], False),
+                                    ("/jmap/", ["Mailbox/get", {"accountId": "zz"}, "0"], True),
+                                    ("/jmap/download/a/blob/x", None, False),
+                                    ("/jmap/download/zz/blob/x", None, True)]:
+            f = s.flow("POST" if call else "GET", path, jmap(call) if call else None)
+            if refused:
+                with pytest.raises(Forbidden):
+                    assert guard.requestheaders(f) is None
+                    assert guard.request(f) is None
+            else:
+                assert guard.requestheaders(f) is None and guard.request(f) is None
+        assert s.session_fetches() == 1
+        assert s.sample("sge_proxy_jmap_guard_refused_total", {"reason": "foreign_account"}) == 2

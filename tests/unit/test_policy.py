@@ -374,17 +374,19 @@ WITH_TIME = "name: p\nrules:\n  - {id: a, effect: allow, paths: [/x], time: {day
 ALICE = Identity(subject="alice", roles=frozenset({"r"}), tenant="t", scopes=frozenset({"s"}))
 
 
-@pytest.mark.parametrize("text, size, enabled, by_ip", [
-    (PLAIN, 16, True, False),
-    (WITH_CIDR, 16, True, True),
-    (WITH_TIME, 16, False, False),
-    (PLAIN, 0, False, False),
+@pytest.mark.parametrize("text, size, enabled, by_ip, windows", [
+    (PLAIN, 16, True, False, 0),
+    (WITH_CIDR, 16, True, True, 0),
+    (WITH_TIME, 16, True, False, 1),
+    (PLAIN, 0, False, False, 0),
 ])
-def test_decision_cache_scope(text, size, enabled, by_ip):
+def test_decision_cache_scope(text, size, enabled, by_ip, windows):
     c = DecisionCache(policy(text), size)
-    assert (c.enabled, c.by_ip) == (enabled, by_ip)
-    k = c.key("GET", "/x", None, None, ALICE, "10.0.0.1")
+    assert (c.enabled, c.by_ip, len(c.windows)) == (enabled, by_ip, windows)
+    k = c.key("GET", "/x", None, None, ALICE, "10.0.0.1", datetime(2025, 1, 6, 12, 0, tzinfo=timezone.utc))
     assert (k is not None) == enabled
+    # without the time, a set with windows cannot be keyed
+    assert (c.key("GET", "/x", None, None, ALICE, "10.0.0.1") is not None) == (enabled and not windows)
 
 
 def test_decision_cache_key_covers_what_a_decision_reads():
@@ -423,3 +425,71 @@ def test_decision_cache_skips_oversized_requests_and_stays_bounded():
     for i, k in enumerate(keys):
         c.put(k, i)
     assert len(c) == 2 and c.get(keys[0]) is None and c.get(keys[2]) == 2
+
+
+WINDOWED = """name: w
+rules:
+  - {id: office, effect: allow, paths: [/x], time: {days: mon-fri, hours: "09:00-17:00", timezone: Europe/Paris}}
+  - id: night
+    effect: deny
+    paths: [/x, /y]
+    reason: closed at night
+    time: [{hours: "22:00-06:00", timezone: America/New_York}, {days: sun, timezone: Asia/Kolkata}]
+  - {id: open-y, effect: allow, paths: [/y]}
+"""
+UTC = timezone.utc
+
+
+@pytest.mark.parametrize("now, states", [
+    # (office: Paris mon-fri 09-17, night: New York 22-06, Sunday in Kolkata)
+    (datetime(2025, 1, 6, 7, 59, 59, 999999, tzinfo=UTC), (False, True, False)),  # Paris 08:59:59.999999, NY 02:59
+    (datetime(2025, 1, 6, 8, 0, tzinfo=UTC), (True, True, False)),                  # Paris 09:00, NY 03:00
+    (datetime(2025, 1, 6, 15, 59, 59, tzinfo=UTC), (True, False, False)),           # Paris 16:59:59, NY 10:59:59
+    (datetime(2025, 1, 6, 16, 0, tzinfo=UTC), (False, False, False)),               # Paris 17:00: the end is open
+    (datetime(2025, 1, 7, 2, 59, 59, tzinfo=UTC), (False, False, False)),           # NY 21:59:59 (EST)
+    (datetime(2025, 1, 7, 3, 0, tzinfo=UTC), (False, True, False)),                 # NY 22:00 (EST)
+    (datetime(2025, 1, 7, 11, 0, tzinfo=UTC), (True, False, False)),                # NY 06:00: over; Paris 12:00
+    (datetime(2025, 3, 31, 7, 0, tzinfo=UTC), (True, True, False)),                 # Paris 09:00 CEST, NY 03:00 EDT
+    (datetime(2025, 3, 28, 7, 0, tzinfo=UTC), (False, True, False)),                # Paris 08:00 CET
+    (datetime(2025, 3, 28, 10, 0, tzinfo=UTC), (True, False, False)),               # NY 06:00 EDT: over
+    (datetime(2025, 1, 4, 18, 30, tzinfo=UTC), (False, False, True)),               # Sunday 00:00 in Kolkata
+    (datetime(2025, 1, 4, 18, 29, 59, 999999, tzinfo=UTC), (False, False, False)),
+    (datetime(2025, 1, 6, 8, 0), (True, True, False)),                              # naive: taken as UTC
+])
+def test_window_states(now, states):
+    assert DecisionCache(policy(WINDOWED)).window_states(now) == states
+
+
+def _instants() -> list[datetime]:
+    """A week of instants every 7 min 13.5 s across a DST change, plus both sides of every
+    minute edge a window has."""
+    from datetime import timedelta
+    start = datetime(2025, 3, 27, 0, 0, tzinfo=UTC)
+    out = [start + timedelta(seconds=433.5 * i) for i in range(7 * 24 * 8)]
+    for day in range(27, 34):
+        for h, m in ((8, 0), (7, 0), (16, 0), (15, 0), (2, 0), (3, 0), (10, 0), (11, 0), (18, 30)):
+            edge = datetime(2025, 3, 1, h, m, tzinfo=UTC) + timedelta(days=day - 1)
+            out += [edge - timedelta(microseconds=1), edge, edge + timedelta(microseconds=999999)]
+    return out
+
+
+@pytest.mark.parametrize("order", ["chronological", "reversed", "shuffled"])
+def test_cached_decisions_equal_evaluate_across_time(order):
+    import random
+    ps = policy(WINDOWED)
+    c = DecisionCache(ps)
+    instants = _instants()
+    if order == "reversed":
+        instants.reverse()
+    elif order == "shuffled":
+        random.Random(7).shuffle(instants)
+    for now in instants:
+        for path in ("/x", "/y"):
+            f = Facts(method="GET", path=path, now=now, identity=ALICE)
+            key = c.key("GET", path, None, None, ALICE, "", now)
+            cached = c.get(key)
+            if cached is None:
+                cached = evaluate(ps, f)
+                c.put(key, cached)
+            assert cached == evaluate(ps, f), (now, path)
+    assert len(c) <= 2 * 2 ** 3  # entries per window state, not per instant

@@ -346,7 +346,7 @@ async def test_reload_starts_a_new_cache(make, policy_file):
     assert addon._cache.policy_set is addon.policy_set and len(addon._cache) == 1
 
 
-async def test_time_windows_turn_the_cache_off(make, tmp_path):
+async def test_time_windows_key_the_cache_by_which_windows_hold(make, tmp_path):
     p = tmp_path / "timed.yaml"
     p.write_text(TIMED)
     mgr, addon, _ = await make(files=[str(p)])
@@ -358,7 +358,15 @@ async def test_time_windows_turn_the_cache_off(make, tmp_path):
     now[0] = datetime(2025, 1, 6, 18, 0, tzinfo=timezone.utc)  # the same request after hours
     with pytest.raises(Forbidden):
         await run(mgr, api_flow("Email/get"))
-    assert len(addon._cache) == 0
+    assert len(addon._cache) == 2
+    now[0] = datetime(2025, 1, 7, 11, 30, tzinfo=timezone.utc)  # in the window again: the first entry
+    flow = api_flow("Email/get")
+    await run(mgr, flow)
+    assert flow.response is None and len(addon._cache) == 2
+    now[0] = datetime(2025, 1, 11, 11, 30, tzinfo=timezone.utc)  # a Saturday: the refusal's entry
+    with pytest.raises(Forbidden):
+        await run(mgr, api_flow("Email/get"))
+    assert len(addon._cache) == 2
 
 
 async def test_cidr_rules_key_the_cache_by_client_address(make, tmp_path):

@@ -439,6 +439,7 @@ async def test_addon_sets_headers_and_replaces_spoofed_ones():
     assert h[H_CONTENT] == hashlib.sha256(b'{"using":[]}').hexdigest()
     got = verify("POST", "/jmap/", h, b'{"using":[]}', {"k1": SECRET}, now=T0)
     assert (got.user_id, got.tenant, got.session_id, got.request_id) == ("u-1", "acme", "sid-9", "req-42")
+    assert h.getall(H_USER) == ["u-1"]
 
 
 async def test_addon_body_modes():
@@ -520,3 +521,42 @@ async def test_addon_signs_the_wire_octets_of_a_non_ascii_target(tmp_path, capsy
     req.write_bytes(head.encode().replace(b"{}", wire))
     assert verify_signature_main([str(req), "--key", f"k1={SECRET_B64}", "--now", str(T0)]) == 0
     assert capsys.readouterr().out.startswith("OK ")
+
+
+@pytest.mark.parametrize("key_len", [1, 32, 43, 63, 64, 65, 200])
+@pytest.mark.parametrize("msg", [b"", b"m", b"SGE-HMAC-SHA256-V1\nPOST\n/jmap/\n" * 9])
+def test_hmac_pads_give_hmac_sha256(key_len, msg):
+    from proxy.signing import hmac_digest, hmac_pads
+    key = bytes(range(256))[:key_len] if key_len <= 256 else b""
+    pads = hmac_pads(key)
+    assert hmac_digest(pads, msg) == hmac.new(key, msg, hashlib.sha256).digest()
+    assert hmac_digest(pads, msg) == hmac_digest(pads, msg)  # the pads are not consumed
+
+
+def _raw_flow(headers=(), body: bytes | None = b'{"using":[]}') -> Flow:
+    """A request as the engine builds it: the parser's bytes, no Connection header."""
+    from proxy.flow import Request as Req
+    req = Req("POST", "/jmap/", raw=[(n.lower().encode(), n.encode(), v.encode()) for n, v in headers],
+              body=body, peer="127.0.0.1")
+    req.raw_connection = False
+    req.content_length = len(body) if body else None
+    f = Flow(req, id="req-42")
+    f.identity = Identity(subject="u-1", email="alice@example.com", tenant="acme", session_id="sid-9")
+    return f
+
+
+async def test_addon_signs_parser_bytes_without_building_the_headers():
+    mgr = await _signer({"keys": {"k1": SECRET_B64}})
+    f = _raw_flow([("Accept", "*/*"), ("X-SGE-User-ID", "admin")])  # a client's (the engine drops it)
+    f.request.set_header("X-SGE-Tenant", "spoofed-by-an-addon")  # an earlier addon's edit
+    f.request.set_header("X-SGE-Extra", "1")
+    await _run(mgr, f)
+    req = f.request
+    assert not req.headers_read
+    assert req.header("X-SGE-Extra") is None and req.header(H_TENANT) == "acme"
+    h = req.headers  # the view the engine would forward: parser bytes scrubbed, edits applied
+    assert [k for k in h if k.lower().startswith("x-sge-")] == [H_TENANT, H_USER, H_SESSION, H_REQUEST,
+                                                                 H_TIMESTAMP, H_CONTENT, H_SIGNATURE]
+    got = verify("POST", "/jmap/", h, b'{"using":[]}', {"k1": SECRET}, now=T0)
+    assert (got.user_id, got.tenant, got.session_id, got.request_id) == ("u-1", "acme", "sid-9", "req-42")
+    assert h.getall(H_USER) == ["u-1"]

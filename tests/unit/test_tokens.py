@@ -601,3 +601,64 @@ async def test_bearer_token_from_parser_bytes_leaves_the_headers_unbuilt():
     with pytest.raises(Unauthorized):
         await mgr.run("requestheaders", parsed_flow(bearer(token) + bearer(token), path="/jmap"))
     assert failures(metrics, "malformed") == 1
+
+
+async def test_api_key_from_parser_bytes_is_removed_without_building_the_headers(tmp_path):
+    section = {"api_keys": {"keys": [{"sha256": hash_api_key("inline-key"), "subject": "svc-inline"}]}}
+    mgr, _ = await manager(section, base_dir=tmp_path)
+    flow = parsed_flow([("X-API-Key", "inline-key"), ("Accept", "*/*")])
+    await mgr.run("requestheaders", flow)
+    assert flow.identity.subject == "svc-inline" and not flow.request.headers_read
+    assert flow.request.header("X-API-Key") is None  # an API key never goes upstream
+    assert "X-API-Key" not in flow.request.headers and flow.request.headers["Accept"] == "*/*"
+
+
+async def test_a_remembered_authorization_header_gives_the_same_identity():
+    mgr, metrics = await manager(jwt_section())
+    token = sign()
+    idents = []
+    for _ in range(3):  # verified (and remembered), then twice from the memo
+        flow = parsed_flow(bearer(token), path="/jmap")
+        await mgr.run("requestheaders", flow)
+        idents.append((flow.identity, flow.client_token))
+        assert not flow.request.headers_read
+    assert idents[0] == idents[1] == idents[2] and idents[0][1] == token
+    assert successes(metrics, "jwt") == 3
+    # the same value next to another credential is not the request's only one: refused as before
+    with pytest.raises(Unauthorized):
+        await mgr.run("requestheaders", parsed_flow(bearer(token) + [("X-API-Key", "k")], path="/jmap"))
+    assert failures(metrics, "malformed") == 1
+
+
+MEMO_ALICE = Identity(subject="alice", expires_at=1000.0)
+MEMO_FOREVER = Identity(subject="svc")
+
+
+@pytest.mark.parametrize("name, ident, now, leeway, found", [
+    ("fresh", MEMO_ALICE, 999.0, 0.0, True),
+    ("at exp", MEMO_ALICE, 1000.0, 0.0, True),
+    ("past exp", MEMO_ALICE, 1000.5, 0.0, False),
+    ("past exp, within leeway", MEMO_ALICE, 1050.0, 60.0, True),
+    ("past exp and leeway", MEMO_ALICE, 1061.0, 60.0, False),
+    ("no exp", MEMO_FOREVER, 1e12, 0.0, True),
+])
+def test_header_memo_rechecks_exp(name, ident, now, leeway, found):
+    from proxy.tokens import HeaderMemo
+    memo = HeaderMemo(4)
+    memo.put(b"Bearer t", "t", ident)
+    assert (memo.get(b"Bearer t", now, leeway) == ("t", ident)) == found
+    assert len(memo) == (1 if found else 0)  # an expired entry is dropped
+
+
+@pytest.mark.parametrize("name, size, values, kept", [
+    ("bounded, oldest out", 2, [b"a", b"b", b"c"], [b"b", b"c"]),
+    ("a repeat does not evict", 2, [b"a", b"b", b"a"], [b"a", b"b"]),
+    ("off", 0, [b"a"], []),
+    ("long values are not kept", 4, [b"x" * 4096, b"y" * 4097], [b"x" * 4096]),
+])
+def test_header_memo_bounds(name, size, values, kept):
+    from proxy.tokens import HeaderMemo
+    memo = HeaderMemo(size)
+    for v in values:
+        memo.put(v, "t", MEMO_FOREVER)
+    assert sorted(v for v in set(values) if memo.get(v, 0.0, 0.0) is not None) == sorted(kept)

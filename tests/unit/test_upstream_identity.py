@@ -250,3 +250,33 @@ async def test_config_errors_name_the_key(section, key, tmp_path):
 async def test_secrets_never_in_repr(tmp_path):
     _, addon = await _addon({"mode": "authorize-as", "admin_user": "admin", "secret": "s3cret"}, tmp_path)
     assert "s3cret" not in repr(addon.plan(_flow()))
+
+
+def _raw_flow(headers: list[tuple[str, str]], identity: Identity | None = ALICE) -> Flow:
+    """A request as the engine builds it: the parser's bytes, no Connection header."""
+    req = Request("POST", "/jmap/", raw=[(n.lower().encode(), n.encode(), v.encode()) for n, v in headers],
+                  body=b"{}", peer="127.0.0.1")
+    req.raw_connection = False
+    f = Flow(req, id="r1", upstream=OFFICIAL)
+    f.identity = identity
+    f.client_token = "client.jwt.token"
+    return f
+
+
+@pytest.mark.parametrize("section, expected", [
+    ({"mode": "impersonate", "impersonator": "sge-proxy", "secret": "s3cret"},
+     [("Authorization", "Basic " + _b64("alice@example.com%sge-proxy:s3cret"))]),
+    ({"mode": "authorize-as", "admin_user": "admin", "secret": "adminpw"},
+     [("Authorization", "Basic " + _b64("admin:adminpw")), ("Authorize-As", "alice@example.com")]),
+    ({"mode": "bearer"}, [("Authorization", "Bearer client.jwt.token")]),
+    ({"mode": "none"}, []),
+])
+async def test_credentials_on_parser_bytes_leave_the_headers_unbuilt(section, expected, tmp_path):
+    mgr, _ = await _addon(section, tmp_path)
+    f = _raw_flow([("Authorization", "Basic c3RvbGVuOnB3"), ("Authorize-As", "root"), ("Accept", "*/*")])
+    await mgr.run("request", f)
+    assert not f.request.headers_read
+    want = dict(expected)
+    assert (f.request.header("Authorization"), f.request.header("Authorize-As")) == (
+        want.get("Authorization"), want.get("Authorize-As"))
+    assert await _auth_headers(mgr, f) == expected  # the view the engine forwards
