@@ -28,6 +28,8 @@ __all__ = ["AddonManager", "Loader", "AddonSpec", "resolve_spec", "addon_name", 
 
 log = logging.getLogger(__name__)
 
+_REQUEST_HOOKS = frozenset({"requestheaders", "request"})  # an addon answering stops these
+
 Fetch = Callable[..., Awaitable["Response"]]
 
 
@@ -242,27 +244,57 @@ class AddonManager:
     def has(self, hook: str) -> bool:
         return hook in self._present
 
-    async def run(self, hook: str, flow: "Flow") -> None:
-        """Run a flow hook along the chain. Stops when an addon sets flow.response in a request
-        hook. A ProxyError passes through (it is an answer); any other exception in a security
-        addon becomes a 500 (fail closed), elsewhere it is logged and the chain goes on."""
-        stop_on_response = hook in ("requestheaders", "request")
-        for name, fn, is_async, security in self._dispatch[hook]:
+    def run_sync(self, hook: str, flow: "Flow") -> "tuple[int, Awaitable[Any]] | None":
+        """Run a flow hook along the chain for as long as every addon answers synchronously (the
+        engine's path without a Task). Returns None when the hook ran to its end (or a request hook
+        set flow.response), else (index, awaitable) for the first addon that has to wait: the
+        caller continues with `await run(hook, flow, index, awaitable)`. Errors as in `run`."""
+        stop_on_response = hook in _REQUEST_HOOKS
+        for i, (name, fn, is_async, security) in enumerate(self._dispatch[hook]):
             try:
                 r = fn(flow)
+            except ProxyError:
+                raise
+            except Exception as e:
+                self._addon_failed(name, hook, security, flow, e)
+            else:
+                if r is not None and (is_async or inspect.isawaitable(r)):
+                    return i, r
+            if stop_on_response and flow.response is not None:
+                return None
+        return None
+
+    async def run(self, hook: str, flow: "Flow", start: int = 0, pending: "Awaitable[Any] | None" = None) -> None:
+        """Run a flow hook along the chain. Stops when an addon sets flow.response in a request
+        hook. A ProxyError passes through (it is an answer); any other exception in a security
+        addon becomes a 500 (fail closed), elsewhere it is logged and the chain goes on.
+        `start`/`pending`: continue where run_sync stopped (pending is what entry `start` returned)."""
+        stop_on_response = hook in _REQUEST_HOOKS
+        entries = self._dispatch[hook]
+        for i in range(start, len(entries)):
+            name, fn, is_async, security = entries[i]
+            try:
+                if pending is not None:
+                    r, pending = pending, None
+                else:
+                    r = fn(flow)
                 if is_async or (r is not None and inspect.isawaitable(r)):
                     await r
             except ProxyError:
                 raise
             except Exception as e:
-                self.metrics.addon_errors.labels(name, hook, "true" if security else "false").inc()
-                if security:
-                    log.error("security addon %s failed in %s for %s; failing closed", name, hook,
-                              flow.id, exc_info=e)
-                    raise InternalError("The request could not be processed.") from e
-                log.error("addon %s failed in %s for %s; continuing", name, hook, flow.id, exc_info=e)
+                self._addon_failed(name, hook, security, flow, e)
             if stop_on_response and flow.response is not None:
                 return
+
+    def _addon_failed(self, name: str, hook: str, security: bool, flow: "Flow", e: Exception) -> None:
+        """Count and log an addon's exception; in a security addon it becomes a 500 (fail closed)."""
+        self.metrics.addon_errors.labels(name, hook, "true" if security else "false").inc()
+        if security:
+            log.error("security addon %s failed in %s for %s; failing closed", name, hook,
+                      flow.id, exc_info=e)
+            raise InternalError("The request could not be processed.") from e
+        log.error("addon %s failed in %s for %s; continuing", name, hook, flow.id, exc_info=e)
 
     # ------------------------------------------------------------------ lifecycle
     async def running(self) -> None:

@@ -12,20 +12,20 @@ import logging
 import os
 import time
 from collections import deque
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 import httptools
 from multidict import CIMultiDict
 
 from .errors import (BadRequest, HeadersTooLarge, InternalError, PayloadTooLarge, ProxyError,
-                     UpstreamTimeout, to_response)
+                     UpstreamProtocolError, UpstreamTimeout, UpstreamTooLarge, to_response)
 from .flow import Flow, Request, Response
 from .http1 import (raw_request_head, raw_response_head, reason_phrase, request_head, response_head,
                     rewrite_location, valid_request_id)
 from .breaker import Circuit
 from .health import FALLBACKS
 from .jmap import route_class
-from .upstream import NotSent
+from .upstream import IDEMPOTENT, NotSent
 
 if TYPE_CHECKING:
     from .addonmanager import AddonManager
@@ -54,6 +54,25 @@ _ENGINE_SETS = frozenset({b"host", b"x-request-id", b"expect", b"content-length"
 _ENGINE_OWNED = _ENGINE_SETS | {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host"}
 _RID_PREFIX = os.urandom(6).hex()  # per process, so ids stay unique across workers
 _rid_counter = itertools.count(1)
+
+
+# where a Task takes over a request's cycle (see HttpProtocol._fast)
+_REQUESTHEADERS, _REQUEST, _FORWARD, _RESPONSEHEADERS, _RESPONSE, _SEND = range(6)
+
+
+class _At:
+    """A point in the cycle: the stage, and within a hook the addon index and the awaitable it
+    returned; the upstream response once there is one; the server already picked for _FORWARD."""
+
+    __slots__ = ("stage", "index", "pending", "up", "picked")
+
+    def __init__(self, stage: int, index: int = 0, pending: Any = None, up: "UpstreamResponse | None" = None,
+                 picked: "tuple[Target, ServerState | None] | None" = None) -> None:
+        self.stage = stage
+        self.index = index
+        self.pending = pending
+        self.up = up
+        self.picked = picked
 
 
 def new_request_id() -> str:
@@ -164,6 +183,13 @@ class HttpProtocol(asyncio.Protocol):
         self.deadline = _NEVER
         self._must_close = False
         self._busy = False
+        self._pending: tuple[Flow, RequestBody | None, bool] | None = None  # parsed, started after the feed
+        # the request in progress: its flow, body, chain generation, and (on the path without a
+        # Task) the upstream exchange it waits for: (connection, target, server state)
+        self._flow: Flow | None = None
+        self._body: RequestBody | None = None
+        self._gen: Any = None
+        self._exchange: tuple[UpstreamConnection, Target, ServerState | None] | None = None
 
     # ------------------------------------------------------------------ connection
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -181,6 +207,13 @@ class HttpProtocol(asyncio.Protocol):
             self._parsing._wake()
         if self._task is not None and not self._task.done():
             self._task.cancel()
+        ex, self._exchange = self._exchange, None
+        if ex is not None:  # waiting for upstream without a Task: the client went away
+            conn = ex[0]
+            conn._listener = None
+            conn.abort()
+            self._upstream = None
+            self._end(self._flow, 499)  # type: ignore[arg-type]
         d, self._drain = self._drain, None
         if d is not None and not d.done():
             d.set_result(None)
@@ -209,6 +242,13 @@ class HttpProtocol(asyncio.Protocol):
             cause = e.__context__
             self._reject(cause if isinstance(cause, ProxyError)
                          else BadRequest("The request is not valid HTTP/1.1."))
+        p = self._pending
+        if p is not None:
+            # started once this turn of the loop has read everything that is ready (and outside
+            # llhttp's callbacks, which wrap what they raise): the upstream writes of a burst of
+            # requests go out together, and the peers are woken once per burst, not per request
+            self._pending = None
+            self.loop.call_soon(self._launch, *p)
 
     def _reject(self, err: ProxyError) -> None:
         """A parse-level failure: answer without a cycle and close."""
@@ -314,7 +354,8 @@ class HttpProtocol(asyncio.Protocol):
             self._queue.append((flow, body, keep_alive))
             self.pause_reading()  # one request ahead at most
         else:
-            self._start(flow, body, keep_alive)
+            self._busy = True
+            self._pending = (flow, body, keep_alive)
 
     def on_body(self, body: bytes) -> None:
         if self._parsing is not None:
@@ -326,9 +367,52 @@ class HttpProtocol(asyncio.Protocol):
             self._parsing = None
 
     # ------------------------------------------------------------------ the request cycle
-    def _start(self, flow: Flow, body: RequestBody | None, keep_alive: bool) -> None:
+    # A request runs without a Task for as long as nothing has to wait (`_fast`): the chain's hooks
+    # answer synchronously, the body is here, an idle upstream connection is ready; the upstream
+    # connection then calls back (upstream_done/upstream_head/upstream_failed). The first thing
+    # that must wait hands the rest of the cycle to a Task (`_spawn`), which takes over at that
+    # point (`_At`): same hooks, same order, same errors either way.
+
+    def _launch(self, flow: Flow, body: RequestBody | None, keep_alive: bool) -> None:
+        if self.closed:  # the client left before its request started
+            return
         self._busy = True
-        self._task = self.loop.create_task(self._cycle(flow, body, keep_alive))
+        self._begin(flow, body, keep_alive)
+        if body is None or body.complete:
+            self._fast(flow, body)
+        else:  # a body still arriving: streamed (or buffered) by the Task
+            self._spawn(flow, body, None)
+
+    def _begin(self, flow: Flow, body: RequestBody | None, keep_alive: bool) -> None:
+        eng = self.engine
+        gen = self._gen = eng.generation  # the chain this request keeps to its end, whatever a reload swaps in
+        gen.in_flight += 1
+        eng.in_flight += 1
+        eng.metrics.in_flight_value = eng.in_flight
+        if not keep_alive:
+            self._must_close = True
+        flow.upstream = eng.default_target
+        self._flow = flow
+        self._body = body
+
+    def _end(self, flow: Flow, status: int) -> None:
+        """The request is over (answered, failed or abandoned): count it, log it, go on."""
+        if self._flow is not flow:
+            return  # ended already
+        eng = self.engine
+        gen = self._gen
+        gen.in_flight -= 1
+        eng.in_flight -= 1
+        eng.metrics.in_flight_value = eng.in_flight
+        elapsed = time.perf_counter() - flow.started
+        eng.metrics.observe_request(flow.route, flow.request.method, status, elapsed)
+        eng.log_access(flow, status, elapsed)
+        if flow._finalizers is not None:
+            flow.finish()
+        self._upstream = None
+        self._flow = self._body = None
+        self._exchange = None
+        self._next()
 
     def _next(self) -> None:
         self._busy = False
@@ -342,25 +426,166 @@ class HttpProtocol(asyncio.Protocol):
         if self._queue:
             flow, body, keep_alive = self._queue.popleft()
             self.resume_reading()
-            self._start(flow, body, keep_alive)
+            self._launch(flow, body, keep_alive)
         else:
             self._arm(self.engine.config.limits.keepalive_timeout)
 
-    async def _cycle(self, flow: Flow, body: RequestBody | None, keep_alive: bool) -> None:
+    def _spawn(self, flow: Flow, body: RequestBody | None, at: "_At | None",
+               err: BaseException | None = None) -> None:
+        """The rest of the cycle in a Task, from `at` (None: from the start, or straight to
+        answering `err`)."""
+        task = self._task = self.loop.create_task(self._cycle(flow, body, at, err))
+        # cancelled before its first step, a coroutine runs no finally: end the request here then
+        task.add_done_callback(lambda _t: self._end(flow, 499))
+
+    def _fast(self, flow: Flow, body: RequestBody | None) -> None:
+        mgr = self._gen.addons
+        req = flow.request
+        try:
+            if mgr.has("requestheaders"):
+                r = mgr.run_sync("requestheaders", flow)
+                if r is not None:
+                    return self._spawn(flow, body, _At(_REQUESTHEADERS, r[0], r[1]))
+            if flow.response is None:
+                cap = req.body_cap
+                if cap is not None:
+                    data = body.take_all() if body is not None else b""
+                    if len(data) > cap:
+                        raise PayloadTooLarge(f"The request body exceeds {cap} bytes.")
+                    req.body = data
+                    flow.bytes_in = len(data)
+                if mgr.has("request"):
+                    r = mgr.run_sync("request", flow)
+                    if r is not None:
+                        return self._spawn(flow, body, _At(_REQUEST, r[0], r[1]))
+            if flow.response is not None:  # an addon answered
+                return self._spawn(flow, body, _At(_FORWARD))
+            self._fast_forward(flow, body)
+        except Exception as e:
+            self._spawn(flow, body, None, e)
+
+    def _fast_forward(self, flow: Flow, body: RequestBody | None) -> None:
+        """Send the request on an idle pooled connection and let it call back; without one (or
+        with a body still to stream) the Task connects and sends it."""
         eng = self.engine
-        gen = eng.generation  # the chain this request keeps to its end, whatever a reload swaps in
-        gen.in_flight += 1
-        eng.in_flight += 1
-        eng.metrics.in_flight_value = eng.in_flight
+        req = flow.request
+        primary = flow.upstream or eng.default_target
+        picked = eng.health.pick(primary, flow.metadata.get(FALLBACKS), time.monotonic())
+        target = picked[0]
+        flow.upstream = target
+        conn = eng.pool.take_idle(target)
+        if conn is None:
+            return self._spawn(flow, body, _At(_FORWARD, picked=picked))
+        data = req.body
+        if data is None:
+            data = body.take_all() if body is not None else None
+            if data is not None:
+                req.body = data  # (a replay on another connection sends it again)
+        framing = self._framing(flow, data, None)
+        head = self._request_head(flow, target, framing)
+        self._exchange = (conn, target, picked[1])
+        self._upstream = conn
+        conn.start(req.method, head, data, eng.pool.opts.response_timeout, self)
+
+    def _exchanged(self, flow: Flow, conn: "UpstreamConnection", target: "Target",
+                   st: "ServerState | None", up: "UpstreamResponse") -> None:
+        """Book a response head from `target` (what UpstreamPool.exchange and _forward do)."""
+        eng = self.engine
+        dt = time.perf_counter() - conn.started
+        flow.upstream_ms = dt * 1000
+        eng.metrics.upstream_seconds.observe((target.name,), dt)
+        if st is not None:
+            if up.status < 500:
+                st.success(time.monotonic())
+            else:
+                st.answered(up.status, flow.client_addr, time.monotonic())
+        eng.metrics.upstream_requests.inc((target.name, str(up.status)))
+
+    # UpstreamConnection's listener callbacks (the path without a Task)
+    def upstream_done(self, conn: "UpstreamConnection") -> None:
+        """The whole response is here: the response hooks, then one write to the client."""
+        ex, self._exchange = self._exchange, None
+        flow = self._flow
+        if ex is None or ex[0] is not conn or flow is None:
+            return
+        body = self._body
+        try:
+            up = conn.response()
+            self._exchanged(flow, conn, ex[1], ex[2], up)
+            flow.response = resp = self._upstream_response(flow, up)
+            mgr = self._gen.addons
+            if mgr.has("responseheaders"):
+                r = mgr.run_sync("responseheaders", flow)
+                if r is not None:
+                    return self._spawn(flow, body, _At(_RESPONSEHEADERS, r[0], r[1], up))
+            resp = flow.response
+            if resp.body_cap is not None and resp.body is None:
+                if flow.request.method == "HEAD" or up.status in _NO_BODY_STATUS:
+                    resp.body = b""
+                else:
+                    data = conn.buffered()
+                    if len(data) > resp.body_cap:
+                        conn.close()
+                        raise UpstreamTooLarge("The upstream response is larger than the proxy may buffer.")
+                    resp.body = data
+                self._finish_upstream(up)
+            if mgr.has("response"):
+                r = mgr.run_sync("response", flow)
+                if r is not None:
+                    return self._spawn(flow, body, _At(_RESPONSE, r[0], r[1], up))
+            status = self._send_now(flow, flow.response, up)
+        except Exception as e:
+            return self._spawn(flow, body, None, e)
+        if status is None:
+            return self._spawn(flow, body, _At(_SEND, up=up))
+        self._end(flow, status)
+
+    def upstream_head(self, conn: "UpstreamConnection") -> None:
+        """Only the head is here (a large or slow body): the Task streams it."""
+        ex, self._exchange = self._exchange, None
+        flow = self._flow
+        if ex is None or ex[0] is not conn or flow is None:
+            return
+        try:
+            up = conn.response()
+            self._exchanged(flow, conn, ex[1], ex[2], up)
+            flow.response = self._upstream_response(flow, up)
+        except Exception as e:
+            return self._spawn(flow, self._body, None, e)
+        self._spawn(flow, self._body, _At(_RESPONSEHEADERS, up=up))
+
+    def upstream_failed(self, conn: "UpstreamConnection", err: ProxyError) -> None:
+        ex = self._exchange
+        flow = self._flow
+        if ex is None or ex[0] is not conn or flow is None:
+            return  # not (or no longer) waiting for this connection
+        self._exchange = None
+        self._upstream = None
+        _, target, st = ex
+        eng = self.engine
+        flow.upstream_ms = (time.perf_counter() - conn.started) * 1000
+        if isinstance(err, UpstreamProtocolError):
+            conn.close()
+            if flow.request.method in IDEMPOTENT and not conn._got_bytes:
+                # a pooled connection that died before answering: the request is sent again on
+                # another one (UpstreamPool.exchange's one replay)
+                return self._spawn(flow, self._body, _At(_FORWARD, picked=(target, st)))
+            eng.metrics.upstream_errors.labels(target.name, "protocol").inc()
+        conn.close()
+        eng.health.failed(st, err, flow.client_addr)
+        self._spawn(flow, self._body, None, err)
+
+    async def _cycle(self, flow: Flow, body: RequestBody | None, at: "_At | None",
+                     err: BaseException | None) -> None:
+        gen = self._gen
         status = 0
-        up: UpstreamResponse | None = None
+        up: UpstreamResponse | None = at.up if at is not None else None
         head_sent = False
         try:
-            if not keep_alive:
-                self._must_close = True
-            flow.upstream = eng.default_target
             try:
-                up = await self._run_chain(flow, body, gen.addons)
+                if err is not None:
+                    raise err
+                up = await self._run_chain(flow, body, gen.addons, at)
                 resp = flow.response
                 assert resp is not None
                 if body is not None and not body.complete:
@@ -376,7 +601,7 @@ class HttpProtocol(asyncio.Protocol):
             if up is not None:
                 up.conn.abort()
         except Exception as e:  # a bug of ours: never leave the client hanging
-            log.exception("request %s failed unexpectedly", flow.id)
+            log.error("request %s failed unexpectedly", flow.id, exc_info=e)
             if up is not None:
                 up.conn.abort()
             if not head_sent and not self.closed:
@@ -389,68 +614,62 @@ class HttpProtocol(asyncio.Protocol):
                     self.transport.abort()
             flow.error = flow.error or e
         finally:
-            gen.in_flight -= 1
-            eng.in_flight -= 1
-            eng.metrics.in_flight_value = eng.in_flight
-            elapsed = time.perf_counter() - flow.started
-            eng.metrics.observe_request(flow.route, flow.request.method, status, elapsed)
-            eng.log_access(flow, status, elapsed)
-            if flow._finalizers is not None:
-                flow.finish()
-            self._upstream = None
-            self._next()
+            self._end(flow, status)
 
-    async def _run_chain(self, flow: Flow, body: RequestBody | None,
-                         mgr: "AddonManager") -> "UpstreamResponse | None":
+    async def _run_chain(self, flow: Flow, body: RequestBody | None, mgr: "AddonManager",
+                         at: "_At | None" = None) -> "UpstreamResponse | None":
+        if at is None:
+            at = _At(_REQUESTHEADERS)
+        stage, up = at.stage, at.up
+        if stage == _SEND:
+            return up
         req = flow.request
-        if mgr.has("requestheaders"):
-            await mgr.run("requestheaders", flow)
-        if flow.response is None:
-            if req.body_cap is not None:
+        if stage == _REQUESTHEADERS:
+            if at.pending is not None or mgr.has("requestheaders"):
+                await mgr.run("requestheaders", flow, at.index, at.pending)
+            if flow.response is None and req.body_cap is not None:
                 if body is not None:
                     req.body = await body.read_all(req.body_cap)
                     flow.bytes_in = len(req.body)
                 else:
                     req.body = b""
-            if mgr.has("request"):
-                await mgr.run("request", flow)
-        up = None
-        if flow.response is None:
-            up = await self._forward(flow, body)
-            flow.response = resp = Response(up.status, None, None, reason=up.reason, raw=up.raw)
-            resp.raw_connection = up.connection
-            if up.location:
-                rh = flow.response.headers
-                rh["Location"] = rewrite_location(rh["Location"], flow.upstream.origin)  # type: ignore[union-attr]
-        if mgr.has("responseheaders"):
-            await mgr.run("responseheaders", flow)
-        resp = flow.response
-        if up is not None and resp.body_cap is not None and resp.body is None:
-            if flow.request.method == "HEAD" or up.status in _NO_BODY_STATUS:
-                resp.body = b""
-            else:
-                resp.body = await up.conn.read_all(resp.body_cap)
-            self._finish_upstream(up)
-        if mgr.has("response"):
-            await mgr.run("response", flow)
+            stage, at = _REQUEST, _At(_REQUEST)
+        if stage == _REQUEST:
+            if flow.response is None and (at.pending is not None or mgr.has("request")):
+                await mgr.run("request", flow, at.index, at.pending)
+            stage = _FORWARD
+        if stage == _FORWARD:
+            if flow.response is None:
+                up = await self._forward(flow, body, at.picked)
+                flow.response = self._upstream_response(flow, up)
+            stage, at = _RESPONSEHEADERS, _At(_RESPONSEHEADERS)
+        if stage == _RESPONSEHEADERS:
+            if at.pending is not None or mgr.has("responseheaders"):
+                await mgr.run("responseheaders", flow, at.index, at.pending)
+            resp = flow.response
+            assert resp is not None
+            if up is not None and resp.body_cap is not None and resp.body is None:
+                if flow.request.method == "HEAD" or up.status in _NO_BODY_STATUS:
+                    resp.body = b""
+                else:
+                    resp.body = await up.conn.read_all(resp.body_cap)
+                self._finish_upstream(up)
+            stage, at = _RESPONSE, _At(_RESPONSE)
+        if stage == _RESPONSE:
+            if at.pending is not None or mgr.has("response"):
+                await mgr.run("response", flow, at.index, at.pending)
         return up
 
-    async def _forward(self, flow: Flow, body: RequestBody | None) -> "UpstreamResponse":
-        eng = self.engine
+    def _upstream_response(self, flow: Flow, up: "UpstreamResponse") -> Response:
+        resp = Response(up.status, None, None, reason=up.reason, raw=up.raw)
+        resp.raw_connection = up.connection
+        if up.location:
+            rh = resp.headers
+            rh["Location"] = rewrite_location(rh["Location"], flow.upstream.origin)  # type: ignore[union-attr]
+        return resp
+
+    def _framing(self, flow: Flow, data: bytes | None, stream: object) -> list[tuple[str, str]]:
         req = flow.request
-        health = eng.health
-        primary = flow.upstream or eng.default_target
-        now = time.monotonic()
-        target, st = health.pick(primary, flow.metadata.get(FALLBACKS), now)
-        flow.upstream = target
-        stream: AsyncIterator[bytes] | None = None
-        data: bytes | None = req.body
-        if data is None and body is not None:
-            if body.complete:  # the common small body: it arrived with the head
-                body._send_continue()
-                data = body.take_all()
-            else:
-                stream = self._body_frames(flow, body, chunked=req.content_length is None)
         framing: list[tuple[str, str]] = []
         if data is not None:
             if data or req.method in ("POST", "PUT", "PATCH"):
@@ -461,6 +680,26 @@ class HttpProtocol(asyncio.Protocol):
                 framing.append(("Transfer-Encoding", "chunked"))
             else:
                 framing.append(("Content-Length", str(req.content_length)))
+        return framing
+
+    async def _forward(self, flow: Flow, body: RequestBody | None,
+                       picked: "tuple[Target, ServerState | None] | None" = None) -> "UpstreamResponse":
+        eng = self.engine
+        req = flow.request
+        health = eng.health
+        primary = flow.upstream or eng.default_target
+        now = time.monotonic()
+        target, st = picked or health.pick(primary, flow.metadata.get(FALLBACKS), now)
+        flow.upstream = target
+        stream: AsyncIterator[bytes] | None = None
+        data: bytes | None = req.body
+        if data is None and body is not None:
+            if body.complete:  # the common small body: it arrived with the head
+                body._send_continue()
+                data = body.take_all()
+            else:
+                stream = self._body_frames(flow, body, chunked=req.content_length is None)
+        framing = self._framing(flow, data, stream)
         head = self._request_head(flow, target, framing)
         t0 = time.perf_counter()
         try:
@@ -572,7 +811,9 @@ class HttpProtocol(asyncio.Protocol):
             self._must_close = True
         return h
 
-    async def _send(self, flow: Flow, resp: Response, up: "UpstreamResponse | None") -> int:
+    def _send_now(self, flow: Flow, resp: Response, up: "UpstreamResponse | None") -> int | None:
+        """Write the whole answer when it is all here (a buffered or made body, or an upstream
+        body already complete): one write. None when the upstream body has to be streamed."""
         status = resp.status
         no_body = flow.request.method == "HEAD" or status in _NO_BODY_STATUS or status < 200
         if resp.body is not None or up is None:
@@ -585,10 +826,27 @@ class HttpProtocol(asyncio.Protocol):
             self.write_raw(response_head(status, resp.reason, h) + payload)
             flow.bytes_out = len(payload)
             return status
-        # streaming from upstream
         conn = up.conn
+        if not conn.complete:
+            return None
         if self.engine.draining:
             self._must_close = True
+        head, chunked = self._stream_head(flow, resp, up, no_body)
+        if no_body:
+            self.write_raw(head)
+        else:  # the whole (small) body is already here: one write
+            data = conn.buffered()
+            flow.bytes_out = len(data)
+            if chunked:
+                data = (b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data)) if data else b"0\r\n\r\n"
+            self.write_raw(head + data)
+        self._finish_upstream(up)
+        return status
+
+    def _stream_head(self, flow: Flow, resp: Response, up: "UpstreamResponse",
+                     no_body: bool) -> tuple[bytes, bool]:
+        """The client's response head for an upstream body passed through, and whether the body
+        goes chunked."""
         chunked = False
         read = resp.headers_read
         if no_body:
@@ -604,28 +862,31 @@ class HttpProtocol(asyncio.Protocol):
             if chunked:
                 h.popall("Content-Length", None)
                 h["Transfer-Encoding"] = "chunked"
-            head = response_head(status, resp.reason, h)
-        else:  # nobody looked: the upstream's bytes, scrubbed, plus ours
-            add = [("X-Request-ID", flow.id)]
-            if self._must_close:
-                add.append(("Connection", "close"))
-            if chunked:
-                add.append(("Transfer-Encoding", "chunked"))
-            head = raw_response_head(status, resp.reason, up.raw, add,
-                                     _RESP_OWN_CHUNKED if chunked else _RESP_OWN, up.connection)
+            return response_head(resp.status, resp.reason, h), chunked
+        # nobody looked: the upstream's bytes, scrubbed, plus ours
+        add = [("X-Request-ID", flow.id)]
+        if self._must_close:
+            add.append(("Connection", "close"))
+        if chunked:
+            add.append(("Transfer-Encoding", "chunked"))
+        return raw_response_head(resp.status, resp.reason, up.raw, add,
+                                 _RESP_OWN_CHUNKED if chunked else _RESP_OWN, up.connection), chunked
+
+    async def _send(self, flow: Flow, resp: Response, up: "UpstreamResponse | None") -> int:
+        status = self._send_now(flow, resp, up)
+        if status is not None:
+            return status
+        assert up is not None
+        status = resp.status
+        conn = up.conn
+        if self.engine.draining:
+            self._must_close = True
+        no_body = flow.request.method == "HEAD" or status in _NO_BODY_STATUS or status < 200
+        head, chunked = self._stream_head(flow, resp, up, no_body)
         if no_body:
             self.write_raw(head)
             if flow.request.method == "HEAD" or conn.complete:
                 await conn.done()
-            self._finish_upstream(up)
-            return status
-        if conn.complete:
-            # the whole (small) body is already here: one write
-            data = conn.buffered()
-            flow.bytes_out = len(data)
-            if chunked:
-                data = (b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data)) if data else b"0\r\n\r\n"
-            self.write_raw(head + data)
             self._finish_upstream(up)
             return status
         self.write_raw(head)

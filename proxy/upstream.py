@@ -28,13 +28,13 @@ if TYPE_CHECKING:
     from .target import Target
     from .tls import ClientTLS
 
-__all__ = ["UpstreamPool", "UpstreamConnection", "UpstreamResponse", "NotSent", "ConnectRefused",
+__all__ = ["IDEMPOTENT", "UpstreamPool", "UpstreamConnection", "UpstreamResponse", "NotSent", "ConnectRefused",
            "ConnectTimeout", "HandshakeFailed", "ResetBeforeSend", "RequestBodyFailed"]
 
 log = logging.getLogger(__name__)
 
 _BUFFER_HIGH = 256 << 10  # body bytes buffered before a sink is attached: pause reading above this
-_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})  # replayed once on a fresh connection (exchange)
 
 
 class NotSent:
@@ -109,8 +109,13 @@ class UpstreamConnection(asyncio.Protocol):
         self._drain: asyncio.Future | None = None
 
     def _reset(self) -> None:
+        self._active = False  # an exchange is in progress (a close now fails it)
+        # whoever waits: futures made on demand by head()/done(), or a listener (the engine's
+        # path without a Task) called back with upstream_done/upstream_head/upstream_failed
         self._head_fut: asyncio.Future | None = None
         self._done_fut: asyncio.Future | None = None
+        self._listener: Any = None
+        self.started = 0.0
         self._headers: list[tuple[bytes, bytes, bytes]] = []
         self._clen: bytes | None = None
         self._te: bytes | None = None
@@ -149,6 +154,15 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self._head_method and self._head_seen and not self._complete:
             self.on_message_complete()
+        listener = self._listener
+        if listener is not None and self._head_seen:
+            # called after this turn of the loop's reads (never from inside the parser): the
+            # client writes of a burst of answers go out together (see HttpProtocol.data_received)
+            self._listener = None
+            if self._complete:
+                self._loop.call_soon(listener.upstream_done, self)
+            else:
+                self._loop.call_soon(listener.upstream_head, self)
 
     def eof_received(self) -> bool | None:
         self._on_closed(None)
@@ -258,6 +272,9 @@ class UpstreamConnection(asyncio.Protocol):
     def _fail(self, err: ProxyError) -> None:
         if self._error is None:
             self._error = err
+        listener, self._listener = self._listener, None
+        if listener is not None:  # (maybe inside a parser callback: not from here)
+            self._loop.call_soon(listener.upstream_failed, self, self._error)
         for fut in (self._head_fut, self._done_fut):
             if fut is not None and not fut.done():
                 fut.set_exception(err)
@@ -272,7 +289,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = True
         self.pool._forget(self)
         self._cancel_timer()
-        if self._head_fut is None:
+        if not self._active:
             return  # idle connection closed by the server
         if self._head_seen and not self._complete and exc is None:
             # close-delimited body (no Content-Length, not chunked) ends at EOF
@@ -312,14 +329,18 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             self._timer = self._loop.call_later(self._idle_timeout - idle, self._on_idle_check)
 
-    def start(self, method: str, head: bytes, body: bytes | None, timeout: float | None) -> None:
+    def start(self, method: str, head: bytes, body: bytes | None, timeout: float | None,
+              listener: Any = None) -> None:
         """Write the request head (and a buffered body) as one buffer and arm the head timeout
-        (None: the caller arms it once a streamed body is sent)."""
+        (None: the caller arms it once a streamed body is sent). A `listener` is called back
+        instead of anyone awaiting head(): upstream_done(conn) once the whole response is here,
+        upstream_head(conn) when only its head is, or upstream_failed(conn, error)."""
         self._reset()
+        self._active = True
+        self._listener = listener
+        self.started = time.perf_counter()
         self.requests += 1
         self._head_method = method == "HEAD"
-        self._head_fut = self._loop.create_future()
-        self._done_fut = self._loop.create_future()
         if timeout is not None:
             self.arm_head_timeout(timeout)
         assert self.transport is not None
@@ -335,8 +356,16 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.write(data)
 
     async def head(self) -> UpstreamResponse:
-        assert self._head_fut is not None
-        await self._head_fut
+        if not self._head_seen:
+            if self._error is not None:
+                raise self._error
+            if self._head_fut is None:
+                self._head_fut = self._loop.create_future()
+            await self._head_fut
+        return self.response()
+
+    def response(self) -> UpstreamResponse:
+        """The response head (once it has arrived)."""
         cl, te = self._clen, self._te
         return UpstreamResponse(self._status, self._reason.decode("latin-1", "replace").strip(), self._headers,
                                 self, int(cl) if cl is not None and cl.isdigit() else None,
@@ -384,7 +413,8 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self._error is not None:
             raise self._error
-        assert self._done_fut is not None
+        if self._done_fut is None:
+            self._done_fut = self._loop.create_future()
         if self._timer is None and self._idle_timeout == 0.0:
             self._idle_timeout = self.pool.opts.timeout_seconds
             self._last_activity = self._loop.time()
@@ -431,12 +461,11 @@ class UpstreamPool:
     def _key(self, target: "Target") -> tuple:
         return target.key
 
-    async def acquire(self, target: "Target") -> tuple[UpstreamConnection, bool]:
-        """A connection to target: an idle one (reused=True) or a new one."""
+    def take_idle(self, target: "Target") -> UpstreamConnection | None:
+        """An idle connection to target, if the pool has one (no waiting, no connecting)."""
         if self._closed:
-            raise NoUpstream("The proxy is shutting down.")
-        key = target.key
-        idle = self._idle.get(key)
+            return None
+        idle = self._idle.get(target.key)
         gen = self.tls.generation
         while idle:
             conn = idle.pop()
@@ -445,6 +474,16 @@ class UpstreamPool:
             if conn.generation != gen and target.tls:
                 conn.close()  # made with an older client certificate: let it go
                 continue
+            return conn
+        return None
+
+    async def acquire(self, target: "Target") -> tuple[UpstreamConnection, bool]:
+        """A connection to target: an idle one (reused=True) or a new one."""
+        if self._closed:
+            raise NoUpstream("The proxy is shutting down.")
+        key = target.key
+        conn = self.take_idle(target)
+        if conn is not None:
             return conn, True
         if self._count.get(key, 0) >= self.opts.max_connections:
             fut = asyncio.get_running_loop().create_future()
@@ -498,7 +537,7 @@ class UpstreamPool:
         key = conn.target.key
         if conn.reusable and not self._closed and (conn.generation == self.tls.generation or not conn.target.tls):
             conn.last_used = time.monotonic()
-            conn._head_fut = None  # idle: a close now is not a failed exchange
+            conn._active = False  # idle: a close now is not a failed exchange
             self._idle.setdefault(key, []).append(conn)
             self._wake(key)
             self._ensure_reaper()
@@ -557,7 +596,7 @@ class UpstreamPool:
         before any byte of answer is retried once on a fresh connection when it is replayable
         (idempotent method, body not streamed). Errors raised before a byte was written are
         NotSent (the caller may retry those anywhere: server.py)."""
-        replayable = method in _IDEMPOTENT and stream is None
+        replayable = method in IDEMPOTENT and stream is None
         for attempt in (0, 1):
             conn, reused = await self.acquire(target)
             if not reused and (conn.closed or conn.transport is None or conn.transport.is_closing()):
