@@ -6,7 +6,7 @@ from http import HTTPStatus
 
 from multidict import CIMultiDict
 
-__all__ = ["HOP_BY_HOP", "RESPONSE_SCRUBBED", "scrub_request", "scrub_response", "request_head", "response_head",
+__all__ = ["HOP_BY_HOP", "RESPONSE_SCRUBBED", "names_headers", "scrub_request", "scrub_response", "request_head", "response_head",
            "valid_request_id", "reason_phrase", "connection_tokens", "rewrite_location",
            "raw_request_head", "raw_response_head"]
 
@@ -116,39 +116,98 @@ def _raw_connection_tokens(raw: list, keep: frozenset[bytes]) -> frozenset[bytes
     return frozenset(out)
 
 
+def names_headers(connection: bytes) -> bool:
+    """Whether a Connection header value names a header other than Keep-Alive (hop-by-hop and
+    dropped anyway): only then must a head built from parser bytes look for what it names."""
+    v = connection.lower()
+    if v == b"keep-alive":
+        return False
+    return any(t.strip() not in (b"keep-alive", b"") for t in v.split(b","))
+
+
 _KEEP_REQUEST = frozenset({b"host", b"content-length", b"authorization"})
 _KEEP_RESPONSE = frozenset({b"content-length"})
+_MEMO_MAX = 512  # header names whose verdict a scrubber remembers (the rest are judged each time)
 
 
-def _raw_head(first_line: str, raw: list, drop: frozenset[bytes], prefixes: tuple[bytes, ...],
-              keep: frozenset[bytes], add: list[tuple[str, str]], has_connection: bool) -> bytes:
-    """One message head from parser bytes: the start line, the raw headers not in `drop` (nor
-    starting with `prefixes`, nor named by Connection unless in `keep`), then `add`."""
-    if has_connection:
-        drop = drop | _raw_connection_tokens(raw, keep)
-    parts = [first_line.encode("latin-1")]
-    for ln, n, v in raw:
-        if ln in drop or ln.startswith(prefixes):
-            continue
-        parts += (n, b": ", v, b"\r\n")
-    for k, v in add:
-        parts.append(f"{k}: {v}\r\n".encode("latin-1"))
-    parts.append(b"\r\n")
-    return b"".join(parts)
+class _RawScrubber:
+    """Which parser-byte headers a head keeps: not in `drop`, not starting with `prefixes`, not
+    named by the message's Connection header (unless in `keep`). Verdicts are memoised per
+    lower-cased name (bounded: header names are the client's to choose)."""
+
+    __slots__ = ("drop", "prefixes", "keep", "_memo")
+
+    def __init__(self, drop: frozenset[bytes], prefixes: tuple[bytes, ...], keep: frozenset[bytes]) -> None:
+        self.drop = drop
+        self.prefixes = prefixes
+        self.keep = keep
+        self._memo: dict[bytes, bool] = {}
+
+    def _judge(self, ln: bytes) -> bool:
+        kept = ln not in self.drop and not ln.startswith(self.prefixes)
+        if len(self._memo) < _MEMO_MAX:
+            self._memo[ln] = kept
+        return kept
+
+    def head(self, first_line: bytes, raw: list, add: bytes, has_connection: bool,
+             extra: "frozenset[bytes] | set[bytes] | None") -> bytes:
+        if has_connection:
+            named = _raw_connection_tokens(raw, self.keep)
+            if named:
+                extra = named if extra is None else named | extra
+        memo = self._memo
+        parts = [first_line]
+        for ln, n, v in raw:
+            kept = memo.get(ln)
+            if kept is None:
+                kept = self._judge(ln)
+            if kept and (extra is None or ln not in extra):
+                parts += (n, b": ", v, b"\r\n")
+        parts += (add, b"\r\n")
+        return b"".join(parts)
+
+
+_SCRUBBERS: dict[tuple[bool, frozenset[bytes]], _RawScrubber] = {}
+
+
+def _scrubber(response: bool, own: frozenset[bytes]) -> _RawScrubber:
+    key = (response, own)
+    sc = _SCRUBBERS.get(key)
+    if sc is None:
+        sc = (_RawScrubber(_RESPONSE_DROP_B | own, (b"proxy-",), _KEEP_RESPONSE) if response
+              else _RawScrubber(_REQUEST_DROP_B | own, _REQUEST_PREFIXES_B, _KEEP_REQUEST))
+        if len(_SCRUBBERS) < 16:  # (callers pass a few constant sets)
+            _SCRUBBERS[key] = sc
+    return sc
+
+
+def _lines(add: "bytes | list[tuple[str, str]]") -> bytes:
+    if isinstance(add, bytes):
+        return add
+    return "".join(f"{k}: {v}\r\n" for k, v in add).encode("latin-1")
 
 
 def raw_request_head(method: str, target: str, raw: list, own: frozenset[bytes],
-                     add: list[tuple[str, str]], has_connection: bool = True) -> bytes:
+                     add: "bytes | list[tuple[str, str]]", has_connection: bool = True,
+                     extra: "frozenset[bytes] | set[bytes] | None" = None) -> bytes:
     """scrub_request + the engine's own headers, on parser bytes: drops hop-by-hop, what
-    Connection names, client Forwarded/X-Forwarded-*/X-Real-IP/X-SGE-*/Proxy-*, and the names in
-    `own` (which `add` then sets). has_connection=False: the caller saw no Connection header."""
-    return _raw_head(f"{method} {target} HTTP/1.1\r\n", raw, _REQUEST_DROP_B | own, _REQUEST_PREFIXES_B,
-                     _KEEP_REQUEST, add, has_connection)
+    Connection names, client Forwarded/X-Forwarded-*/X-Real-IP/X-SGE-*/Proxy-*, the names in
+    `own` (a constant set: its scrubber is kept) and in `extra`; then `add` (header lines as
+    bytes, or (name, value) pairs). has_connection=False: no Connection header names anything."""
+    return _scrubber(False, own).head(f"{method} {target} HTTP/1.1\r\n".encode("latin-1"), raw, _lines(add),
+                                      has_connection, extra)
 
 
-def raw_response_head(status: int, reason: str, raw: list, add: list[tuple[str, str]],
+_STATUS_LINES: dict[tuple[int, str], bytes] = {}
+
+
+def raw_response_head(status: int, reason: str, raw: list, add: "bytes | list[tuple[str, str]]",
                       drop_extra: frozenset[bytes] = frozenset(), has_connection: bool = True) -> bytes:
-    """scrub_response on parser bytes, plus `add` (names in drop_extra are dropped first).
-    has_connection=False promises the caller saw no Connection header (skips looking)."""
-    return _raw_head(f"HTTP/1.1 {status} {reason or reason_phrase(status)}\r\n", raw,
-                     _RESPONSE_DROP_B | drop_extra, (b"proxy-",), _KEEP_RESPONSE, add, has_connection)
+    """scrub_response on parser bytes, plus `add` (names in drop_extra, a constant set, are
+    dropped first). has_connection=False promises no Connection header names anything."""
+    line = _STATUS_LINES.get((status, reason))
+    if line is None:
+        line = f"HTTP/1.1 {status} {reason or reason_phrase(status)}\r\n".encode("latin-1")
+        if len(_STATUS_LINES) < 256:
+            _STATUS_LINES[(status, reason)] = line
+    return _scrubber(True, drop_extra).head(line, raw, _lines(add), has_connection, None)

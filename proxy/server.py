@@ -20,7 +20,7 @@ from multidict import CIMultiDict
 from .errors import (BadRequest, HeadersTooLarge, InternalError, PayloadTooLarge, ProxyError,
                      UpstreamProtocolError, UpstreamTimeout, UpstreamTooLarge, to_response)
 from .flow import Flow, Request, Response
-from .http1 import (raw_request_head, raw_response_head, reason_phrase, request_head, response_head,
+from .http1 import (names_headers, raw_request_head, raw_response_head, reason_phrase, request_head, response_head,
                     rewrite_location, valid_request_id)
 from .breaker import Circuit
 from .health import FALLBACKS
@@ -73,6 +73,18 @@ class _At:
         self.pending = pending
         self.up = up
         self.picked = picked
+
+
+_HOST_LINES: dict[tuple, bytes] = {}
+
+
+def _host_line(target: "Target") -> bytes:
+    line = _HOST_LINES.get(target.key)
+    if line is None:
+        line = f"Host: {target.authority}\r\n".encode("latin-1")
+        if len(_HOST_LINES) < 1024:
+            _HOST_LINES[target.key] = line
+    return line
 
 
 def new_request_id() -> str:
@@ -196,6 +208,7 @@ class HttpProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
+        self._forwarded = f"X-Forwarded-For: {self.peer}\r\nX-Forwarded-Proto: {self.scheme}\r\n".encode("latin-1")
         self.engine.connections.add(self)
         self._arm(self.engine.config.limits.keepalive_timeout)
 
@@ -301,6 +314,7 @@ class HttpProtocol(asyncio.Protocol):
         self._headers = []
         self._header_bytes = 0
         self._h = {}
+        self._names = False  # a Connection header names a header (beyond Keep-Alive)
         self._arm(self.engine.config.limits.header_timeout)
 
     def on_url(self, url: bytes) -> None:
@@ -316,8 +330,12 @@ class HttpProtocol(asyncio.Protocol):
             raise HeadersTooLarge("The request headers are too large.")
         ln = name.lower()
         self._headers.append((ln, name, value))
-        if ln in _ENGINE_READS and ln not in self._h:
-            self._h[ln] = value
+        if ln in _ENGINE_READS:
+            if ln == b"connection":
+                if names_headers(value):
+                    self._names = True
+            elif ln not in self._h:
+                self._h[ln] = value
 
     def on_headers_complete(self) -> None:
         if not self._busy and not self._queue:
@@ -329,7 +347,7 @@ class HttpProtocol(asyncio.Protocol):
         host = h.get(b"host")
         req = Request(method, target, raw=self._headers, http_version=parser.get_http_version(),
                       scheme=self.scheme, host=host.decode("latin-1") if host else "", peer=self.peer)
-        req.raw_connection = b"connection" in h
+        req.raw_connection = self._names
         cl = h.get(b"content-length")
         te = h.get(b"transfer-encoding")
         if te is not None:
@@ -774,16 +792,15 @@ class HttpProtocol(asyncio.Protocol):
             h.extend(framing)
             return request_head(req.method, upath, h)
         # nobody looked: forward the parser's bytes, scrubbed the same way
-        add = [("Host", target.authority), ("X-Forwarded-For", self.peer),
-               ("X-Forwarded-Proto", self.scheme), ("X-Request-ID", flow.id)]
+        add = [_host_line(target), self._forwarded, b"X-Request-ID: ", flow.id.encode("latin-1"), b"\r\n"]
         if req.host:
-            add.append(("X-Forwarded-Host", req.host))
-        add.extend(framing)
-        drop = _ENGINE_SETS
+            add += (b"X-Forwarded-Host: ", req.host.encode("latin-1"), b"\r\n")
+        for k, v in framing:
+            add.append(f"{k}: {v}\r\n".encode("latin-1"))
         if edits:  # set_header() on the bytes: drop the client's, add the addon's
-            drop = drop | edits.keys()
-            add.extend([(n, v) for n, v in edits.values() if v is not None])
-        return raw_request_head(req.method, upath, req.raw, drop, add, req.raw_connection)
+            add += [f"{n}: {v}\r\n".encode("latin-1") for n, v in edits.values() if v is not None]
+        return raw_request_head(req.method, upath, req.raw, _ENGINE_SETS, b"".join(add), req.raw_connection,
+                                edits.keys() if edits else None)
 
     async def _body_frames(self, flow: Flow, body: RequestBody, *, chunked: bool) -> AsyncIterator[bytes]:
         while True:
@@ -864,11 +881,11 @@ class HttpProtocol(asyncio.Protocol):
                 h["Transfer-Encoding"] = "chunked"
             return response_head(resp.status, resp.reason, h), chunked
         # nobody looked: the upstream's bytes, scrubbed, plus ours
-        add = [("X-Request-ID", flow.id)]
+        add = b"X-Request-ID: %s\r\n" % flow.id.encode("latin-1")
         if self._must_close:
-            add.append(("Connection", "close"))
+            add += b"Connection: close\r\n"
         if chunked:
-            add.append(("Transfer-Encoding", "chunked"))
+            add += b"Transfer-Encoding: chunked\r\n"
         return raw_response_head(resp.status, resp.reason, up.raw, add,
                                  _RESP_OWN_CHUNKED if chunked else _RESP_OWN, up.connection), chunked
 

@@ -20,7 +20,7 @@ from multidict import CIMultiDict
 from .errors import (NoUpstream, ProxyError, UpstreamConnectError,
                      UpstreamProtocolError, UpstreamTimeout, UpstreamTLSError, UpstreamTooLarge)
 from .flow import Response
-from .http1 import request_head
+from .http1 import names_headers, request_head
 
 if TYPE_CHECKING:
     from .config import StalwartOptions
@@ -33,6 +33,7 @@ __all__ = ["IDEMPOTENT", "UpstreamPool", "UpstreamConnection", "UpstreamResponse
 
 log = logging.getLogger(__name__)
 
+_NEVER = float("inf")
 _BUFFER_HIGH = 256 << 10  # body bytes buffered before a sink is attached: pause reading above this
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})  # replayed once on a fresh connection (exchange)
 
@@ -76,7 +77,7 @@ class UpstreamResponse:
         self.raw = raw  # [(lower name, name, value)] bytes
         self._headers: CIMultiDict | None = None
         self.location = location
-        self.connection = connection  # a Connection header was seen
+        self.connection = connection  # a Connection header names a header (beyond Keep-Alive)
         self.conn = conn
         self.content_length = content_length
         self.chunked = chunked
@@ -131,7 +132,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._cap: int | None = None
         self._received = 0
         self._read_paused = False
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None  # the mid-body idle check
+        self.deadline = _NEVER  # the response head is due by then (UpstreamPool._sweep checks)
         self._last_activity = 0.0
         self._idle_timeout = 0.0
         self._head_method = False
@@ -194,7 +196,8 @@ class UpstreamConnection(asyncio.Protocol):
         elif ln == b"location":
             self._location = True
         elif ln == b"connection":
-            self._connection = True
+            if names_headers(value):
+                self._connection = True
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
@@ -210,9 +213,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._status = status
         self._head_seen = True
         self._keep_alive = self.parser.should_keep_alive()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self.deadline != _NEVER:
+            self.deadline = _NEVER
+            self.pool._armed.discard(self)
         fut = self._head_fut
         if fut is not None and not fut.done():
             fut.set_result(None)
@@ -312,9 +315,12 @@ class UpstreamConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self.deadline != _NEVER:
+            self.deadline = _NEVER
+            self.pool._armed.discard(self)
 
     def _on_head_timeout(self) -> None:
-        self._timer = None
+        self._cancel_timer()
         self.pool.metrics.upstream_errors.labels(self.target.name, "timeout").inc()
         self._fail(UpstreamTimeout("The upstream server did not answer in time."))
         self.close()
@@ -347,9 +353,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport.write(head + body if body else head)
 
     def arm_head_timeout(self, timeout: float) -> None:
+        """The response head is due within `timeout` seconds (checked by the pool's sweeper: no
+        timer per request)."""
         if not self._head_seen and not self.closed:
             self._cancel_timer()
-            self._timer = self._loop.call_later(timeout, self._on_head_timeout)
+            self.deadline = self._loop.time() + timeout
+            self.pool._arm(self)
 
     def write(self, data: bytes) -> None:
         if not self.closed and self.transport is not None:
@@ -457,6 +466,8 @@ class UpstreamPool:
         self._waiters: dict[tuple, deque[asyncio.Future]] = {}
         self._closed = False
         self._reaper: asyncio.Task | None = None
+        self._armed: set[UpstreamConnection] = set()  # exchanges waiting for a response head
+        self._sweeper: asyncio.Task | None = None
 
     def _key(self, target: "Target") -> tuple:
         return target.key
@@ -561,6 +572,24 @@ class UpstreamPool:
                 fut.set_result(None)
                 return
 
+    def _arm(self, conn: UpstreamConnection) -> None:
+        self._armed.add(conn)
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="upstream-timeouts")
+
+    async def _sweep(self) -> None:
+        """Fail the exchanges whose response head is overdue: ten checks a second (finer for
+        short timeouts: at most a tenth of response_timeout late), from the first exchange until
+        the pool closes."""
+        loop = asyncio.get_running_loop()
+        interval = max(0.01, min(0.1, self.opts.response_timeout / 10))
+        while True:
+            await asyncio.sleep(interval)
+            if self._armed:
+                now = loop.time()
+                for conn in [c for c in self._armed if c.deadline <= now]:
+                    conn._on_head_timeout()
+
     def _ensure_reaper(self) -> None:
         if self._reaper is None or self._reaper.done():
             self._reaper = asyncio.get_running_loop().create_task(self._reap(), name="upstream-reaper")
@@ -584,6 +613,8 @@ class UpstreamPool:
         self._closed = True
         if self._reaper is not None:
             self._reaper.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for conns in list(self._idle.values()):
             for c in list(conns):
                 c.close()

@@ -117,3 +117,24 @@ def test_raw_response_head_matches_the_scrubbed_headers(pairs):
     via_dict = response_head(200, "OK", h)
     via_raw = raw_response_head(200, "OK", _raw(pairs), [("X-Request-ID", "rid")], frozenset({b"x-request-id"}))
     assert sorted(via_raw.split(b"\r\n")) == sorted(via_dict.split(b"\r\n"))
+
+
+@pytest.mark.parametrize("value, names", [
+    (b"keep-alive", False), (b"Keep-Alive", False), (b" keep-alive , ", False), (b"", False),
+    (b"close", True), (b"Upgrade", True), (b"keep-alive, X-Private", True), (b"TE, close", True),
+])
+def test_names_headers(value, names):
+    """Only a Connection header naming something beyond Keep-Alive makes the raw path look
+    for what it names (Keep-Alive itself is hop-by-hop and always dropped)."""
+    from proxy.http1 import names_headers
+    assert names_headers(value) is names
+
+
+def test_raw_heads_drop_what_a_keep_alive_connection_header_implies():
+    from proxy.http1 import raw_request_head, raw_response_head
+    raw = _raw([("Connection", "keep-alive"), ("Keep-Alive", "timeout=5"), ("Accept", "a")])
+    req = raw_request_head("GET", "/", raw, frozenset(), b"", has_connection=False)
+    resp = raw_response_head(200, "OK", raw, b"", has_connection=False)
+    for head in (req, resp):
+        assert b"Accept: a\r\n" in head
+        assert b"Connection" not in head and b"Keep-Alive" not in head
