@@ -34,6 +34,7 @@ __all__ = ["IDEMPOTENT", "UpstreamPool", "UpstreamConnection", "UpstreamResponse
 log = logging.getLogger(__name__)
 
 _NEVER = float("inf")
+_NOTED = frozenset({b"content-length", b"transfer-encoding", b"location", b"connection"})
 _BUFFER_HIGH = 256 << 10  # body bytes buffered before a sink is attached: pause reading above this
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})  # replayed once on a fresh connection (exchange)
 
@@ -147,7 +148,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._got_bytes = True
-        self._last_activity = self._loop.time()
+        if self._timer is not None:  # the mid-body idle check is armed
+            self._last_activity = self._loop.time()
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
@@ -189,6 +191,8 @@ class UpstreamConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         ln = name.lower()
         self._headers.append((ln, name, value))
+        if ln not in _NOTED:
+            return
         if ln == b"content-length":
             self._clen = value
         elif ln == b"transfer-encoding":
