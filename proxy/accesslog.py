@@ -36,7 +36,7 @@ class AccessLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        line = orjson.dumps(record) + b"\n"
+        line = orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
         self._buf.append(line)
         self._size += len(line)
         if self._size >= 65536:
