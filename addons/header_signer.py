@@ -113,14 +113,17 @@ class HeaderSigner:
         self._clock = clock
         self._opts: HeaderSignerOptions | None = None
         self._ring: KeyRing | None = None
-        self._counts: dict[str, Any] = {}
+        self._hashed: Any = None  # sge_proxy_signed_requests_total{payload="hashed"}
+        self._unsigned: Any = None
 
     def load(self, loader: "Loader") -> None:
         self._opts = loader.options
         self._ring = load_ring(self._opts, loader.path)
         c = loader.metrics.counter("sge_proxy_signed_requests_total",
                                    "Requests signed with X-SGE-* headers, by payload mode.", ("payload",))
-        self._counts = {"hashed": c.labels("hashed"), "unsigned": c.labels("unsigned")}
+        self._hashed, self._unsigned = c.labels("hashed"), c.labels("unsigned")
+        if self._opts.sign_body != "always":
+            self.requestheaders = None  # type: ignore[assignment]  # nothing to ask for: no hook
 
     @property
     def key_ring(self) -> KeyRing | None:
@@ -144,6 +147,7 @@ class HeaderSigner:
                     timestamp=int(self._clock()), body=body)
 
     def requestheaders(self, flow: "Flow") -> None:
+        """With sign_body `always` only (else `load` leaves this instance without the hook)."""
         if self._opts is not None and self._opts.sign_body == "always":
             flow.request.want_body(self._opts.body_cap)
 
@@ -166,7 +170,11 @@ class HeaderSigner:
             user = tenant = session = None
         else:
             user, tenant, session = ident.subject, ident.tenant, ident.session_id
-        signed = sign(ring, req.method, upstream_target(flow), user_id=user, tenant=tenant,
+        upstream = flow.upstream
+        target = (upstream.base_path + req.target) if upstream is not None else req.target
+        if not target.isascii():
+            target = upstream_target(flow)
+        signed = sign(ring, req.method, target, user_id=user, tenant=tenant,
                       session_id=session, request_id=flow.id, timestamp=int(self._clock()), body=body)
         if req.headers_read:
             h = req.headers
@@ -182,4 +190,4 @@ class HeaderSigner:
                         req.set_header(name, None)
             for name, value in signed:
                 req.set_header(name, value)
-        self._counts["unsigned" if body is None else "hashed"].inc()
+        (self._unsigned if body is None else self._hashed).inc()

@@ -185,7 +185,11 @@ class JmapGuard:
         if flow.identity is None or not is_api_request(flow, self._jmap_path):
             return None
         try:
-            return self._with_entry(flow, self._check_api)
+            entry = self._cached(flow)
+            if entry is None:
+                return self._fetching(flow, self._check_api)
+            self._check_api(flow, entry)
+            return None
         except ProxyError as e:
             self._count(e)
             raise
@@ -210,7 +214,8 @@ class JmapGuard:
         body = flow.request.body
         if body is None:
             raise InternalError("The JMAP request body was not buffered; refusing to forward it unchecked.")
-        self._check_size(len(body), entry.session.limits)
+        if len(body) > entry.session.limits.max_size_request:
+            self._check_size(len(body), entry.session.limits)  # raises
         req = request_of(flow)
         if req is None:
             raise InternalError("The JMAP request could not be read.")
@@ -240,7 +245,10 @@ class JmapGuard:
                 raise _refused(Forbidden(f"The {kind} path names no account."), "foreign_account")
             return self._with_entry(flow, functools.partial(self._check_blob, kind, acct))
         if is_api_request(flow, self._jmap_path):
-            return self._with_entry(flow, self._check_api_head)
+            entry = self._cached(flow)
+            if entry is None:
+                return self._fetching(flow, self._check_api_head)
+            self._check_api_head(flow, entry)
         return None
 
     @staticmethod
@@ -259,8 +267,8 @@ class JmapGuard:
         n = flow.request.content_length
         if n is None:
             n = _content_length(flow)
-        if n is not None:
-            self._check_size(n, limits)
+        if n is not None and n > limits.max_size_request:
+            self._check_size(n, limits)  # raises
         flow.request.want_body(limits.max_size_request)
 
     @staticmethod

@@ -150,18 +150,20 @@ class Policy:
             cache = self._cache = DecisionCache(self.policy_set)
         now = self._clock() if cache.windows else None  # the clock matters only to time windows
         key = cache.key(req.method, req.path, names, using, flow.identity, flow.client_addr, now)
-        decision = cache.get(key) if key is not None else None
-        if decision is None:
+        hit = cache.get(key) if key is not None else None
+        if hit is not None:  # (decision, its metric child): the child's look-up is cached too
+            decision, child = hit
+        else:
             decision = evaluate(self.policy_set, Facts(
                 method=req.method, path=req.path, now=now or self._clock(), jmap_methods=names,
                 using=using, identity=flow.identity, source_ip=flow.client_addr))
+            child = self._child(decision)
             if key is not None:
-                cache.put(key, decision)
-        child = self._children.get((decision.policy, decision.effect))
-        if child is not None and decision.allowed and not log.isEnabledFor(logging.DEBUG):
+                cache.put(key, (decision, child))
+        if decision.allowed and not log.isEnabledFor(logging.DEBUG):
             child.inc()  # the common case: a counted allow, nothing to log
             return
-        self._record(flow, decision)
+        self._record(flow, decision, child)
         if not decision.allowed and self._opts.mode == "enforce":
             raise Forbidden(_detail(flow, decision),
                             extra={"policyRule": decision.rule_id} if decision.rule_id else None)
@@ -182,12 +184,16 @@ class Policy:
                              extra={"jmapType": "urn:ietf:params:jmap:error:notJSON"})
         return req.names, req.using
 
-    def _record(self, flow: "Flow", d: Decision) -> None:
-        mode = self._opts.mode
+    def _child(self, d: Decision) -> Any:
+        """The decisions counter's child for this decision's policy and effect."""
         key = (d.policy, d.effect)
         child = self._children.get(key)
         if child is None:
-            child = self._children[key] = self._counter.labels(d.policy, d.effect, mode)
+            child = self._children[key] = self._counter.labels(d.policy, d.effect, self._opts.mode)
+        return child
+
+    def _record(self, flow: "Flow", d: Decision, child: Any) -> None:
+        mode = self._opts.mode
         child.inc()
         if d.allowed:
             if log.isEnabledFor(logging.DEBUG):

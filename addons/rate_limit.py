@@ -17,6 +17,7 @@ carry either.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
@@ -151,6 +152,8 @@ class RateLimit:
         self._anon = opts.anonymous.limit("anonymous")
         self._slots = Slots(opts.concurrency, opts.queue) if opts.concurrency else None
         self._unlimited = frozenset(opts.unlimited_routes)
+        if not opts.headers:
+            self.responseheaders = None  # type: ignore[assignment]  # nothing to add: no hook
         if opts.backend == "redis":
             try:
                 from proxy.redisstore import RedisBuckets
@@ -212,6 +215,7 @@ class RateLimit:
         return self._admit(flow, who)
 
     def responseheaders(self, flow: "Flow") -> None:
+        """With `headers` on only (else `load` leaves this instance without the hook)."""
         if self._opts.headers and flow.response is not None:
             d = flow.metadata.get("rate_limit")
             if d is not None:
@@ -262,13 +266,13 @@ class RateLimit:
             return None
         if slots.try_acquire(key):
             self._decisions[("concurrency", "allowed")].inc()
-            flow.on_done(lambda _f: self._release(key))
+            flow.on_done(functools.partial(self._release, key))
             return None
         fut = asyncio.get_running_loop().create_future()
         adm = slots.acquire(key, fut)
         if adm is Admission.GRANTED:
             self._decisions[("concurrency", "allowed")].inc()
-            flow.on_done(lambda _f: self._release(key))
+            flow.on_done(functools.partial(self._release, key))
             return None
         if adm is Admission.REFUSED:
             self._refuse_concurrency()
@@ -290,9 +294,10 @@ class RateLimit:
         if not granted:
             self._refuse_concurrency()
         self._decisions[("concurrency", "queued")].inc()
-        flow.on_done(lambda _f: self._release(key))
+        flow.on_done(functools.partial(self._release, key))
 
-    def _release(self, key: str) -> None:
+    def _release(self, key: str, _flow: Any = None) -> None:
+        """Give `key`'s slot back (to the next waiter, if any). Also an on_done callback (the flow)."""
         slots = self._slots
         assert slots is not None
         while True:

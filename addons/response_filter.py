@@ -25,13 +25,14 @@ __all__ = ["ResponseFilter", "ResponseFilterOptions", "is_session_path", "relati
 
 DEFAULT_STRIP = ("Server", "X-Powered-By", "Via", "X-AspNet-Version", "X-Runtime", "Alt-Svc")
 _JSON_TYPES = ("application/json", "application/jmap+json")
+_GET_HEAD = frozenset(("GET", "HEAD"))
 
 
 def is_session_path(method: str, path: str, jmap_path: str) -> bool:
     """GET of a path that answers the session resource: /.well-known/jmap (Stalwart and Cyrus
     redirect it, some servers answer it), <jmap_path>/session (Stalwart), <jmap_path> and
     <jmap_path>/ (Cyrus). Pure."""
-    if method not in ("GET", "HEAD"):
+    if method not in _GET_HEAD:
         return False
     base = jmap_path.rstrip("/")
     return path in ("/.well-known/jmap", "/.well-known/jmap/", base, base + "/", base + "/session")
@@ -121,14 +122,19 @@ class ResponseFilter:
         if raw is None or resp.headers_read:
             return False
         strip = self._strip_raw
-        found = False
-        for ln, _, _ in raw:
+        found: list[int] | None = None  # where the stripped ones are
+        for i, t in enumerate(raw):
+            ln = t[0]
             if ln == b"location":
                 return False
             if ln in strip:
-                found = True
-        if found:
-            raw[:] = [t for t in raw if t[0] not in strip]
+                if found is None:
+                    found = [i]
+                else:
+                    found.append(i)
+        if found is not None:
+            for i in reversed(found):
+                del raw[i]
         return True
 
     def response(self, flow: "Flow") -> None:
@@ -156,5 +162,6 @@ class ResponseFilter:
         self._rewritten.labels("ok").inc()
 
     def _is_session(self, flow: "Flow", resp: "Response") -> bool:
-        return (is_session_path(flow.request.method, flow.request.path, self._jmap_path)
+        return (flow.request.method in _GET_HEAD  # is_session_path's own first test, without a call
+                and is_session_path(flow.request.method, flow.request.path, self._jmap_path)
                 and resp.status == 200 and resp.content_type in _JSON_TYPES)

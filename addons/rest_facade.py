@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os.path
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Hashable
 
@@ -58,6 +59,9 @@ _ANSWER_CAP = 1 << 20  # an upload's JSON answer or a failed download's error bo
 # and the engine's forward of a body that arrived whole while reading was paused is avoided
 # (RequestBody.take_all does not resume reading: the keep-alive connection then stalls).
 _SMALL_UPLOAD = 1 << 20
+# every facade path starts with this ("/api/v1/"): one startswith() keeps other paths off
+# rest.is_facade_path, which only the facade's own paths need
+FACADE_ROOT = os.path.commonprefix((rest.PREFIX + "/", rest.OPENAPI_PATH))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -151,9 +155,11 @@ class RestFacade:
     # ------------------------------------------------------------------ hooks
     def requestheaders(self, flow: "Flow") -> None:
         req = flow.request
-        if not rest.is_facade_path(req.path) or req.method not in ("POST", "PATCH", "PUT"):
+        path = req.path
+        if not path.startswith(FACADE_ROOT) or not rest.is_facade_path(path) \
+                or req.method not in ("POST", "PATCH", "PUT"):
             return
-        upload = req.path == rest.UPLOAD_PATH
+        upload = path == rest.UPLOAD_PATH
         cap = self._opts.max_upload if upload else self._opts.max_json_body
         if req.content_length is not None and req.content_length > cap:
             raise PayloadTooLarge(f"The request body is larger than {cap} bytes.")
@@ -162,7 +168,8 @@ class RestFacade:
 
     def request(self, flow: "Flow") -> Any:
         """Answers a facade path (a coroutine); notes a JMAP request that may write (sync)."""
-        if rest.is_facade_path(flow.request.path):
+        path = flow.request.path
+        if path.startswith(FACADE_ROOT) and rest.is_facade_path(path):
             return self._answer_flow(flow)
         if flow.identity is not None and is_api_request(flow, self._jmap_path):
             try:

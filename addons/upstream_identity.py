@@ -310,7 +310,10 @@ class UpstreamIdentity:
         return self.plan(flow).headers(flow, self._clock())
 
     def request(self, flow: "Flow") -> None:
-        plan = self.plan(flow)
+        plans = self._plans  # self.plan(flow), inline
+        plan = plans.get(flow.upstream.name if flow.upstream is not None else None)
+        if plan is None:
+            plan = plans[None]
         if plan.mode == "passthrough":
             return
         creds = dict(plan.headers(flow, self._clock()))  # each name at most once

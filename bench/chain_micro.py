@@ -242,7 +242,8 @@ def measure(bench: Bench, n: int, calls_n: int) -> dict[str, Any]:
     # parser's bytes (+ edits) or from the header dict (server.py's own method, its `self` stood in)
     from types import SimpleNamespace
     from proxy.server import HttpProtocol
-    conn = SimpleNamespace(peer=PEER, scheme="http")
+    conn = SimpleNamespace(peer=PEER, scheme="http",  # what connection_made sets
+                           _forwarded=f"X-Forwarded-For: {PEER}\r\nX-Forwarded-Proto: http\r\n".encode())
     framing = [("Content-Length", str(len(BODY)))]
     done = []
     for _ in range(n):

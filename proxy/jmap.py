@@ -71,8 +71,11 @@ def parse_request(body: bytes) -> JmapRequest:
         raise _not_request("The request must be a JSON object.")
     using = doc.get("using")
     calls = doc.get("methodCalls")
-    if not isinstance(using, list) or not all(isinstance(u, str) for u in using):
+    if not isinstance(using, list):
         raise _not_request("`using` must be an array of capability strings.")
+    for u in using:
+        if not isinstance(u, str):
+            raise _not_request("`using` must be an array of capability strings.")
     if not isinstance(calls, list):
         raise _not_request("`methodCalls` must be an array.")
     parsed = []
@@ -81,9 +84,26 @@ def parse_request(body: bytes) -> JmapRequest:
         if (not isinstance(c, list) or len(c) != 3 or not isinstance(c[0], str)
                 or not isinstance(c[1], dict) or not isinstance(c[2], str)):
             raise _not_request(f"methodCalls[{i}] must be [name, arguments, callId].")
-        parsed.append(MethodCall(c[0], c[1], c[2]))
+        mc = _new(MethodCall)  # MethodCall(*c) minus the generated __init__'s frame
+        _mc_name(mc, c[0])
+        _mc_args(mc, c[1])
+        _mc_call_id(mc, c[2])
+        parsed.append(mc)
         names.append(c[0])
-    return JmapRequest(tuple(using), tuple(parsed), doc, tuple(names))
+    jr = _new(JmapRequest)  # likewise JmapRequest(tuple(using), tuple(parsed), doc, tuple(names))
+    _jr_using(jr, tuple(using))
+    _jr_calls(jr, tuple(parsed))
+    _jr_raw(jr, doc)
+    _jr_names(jr, tuple(names))
+    return jr
+
+
+# parse_request builds the frozen dataclasses by storing their slots directly: what the generated
+# __init__ does (one object.__setattr__ per field), without a Python frame per object
+_new = object.__new__
+_mc_name, _mc_args, _mc_call_id = (MethodCall.__dict__[f].__set__ for f in ("name", "args", "call_id"))
+_jr_using, _jr_calls, _jr_raw, _jr_names = (JmapRequest.__dict__[f].__set__
+                                            for f in ("using", "calls", "raw", "names"))
 
 
 def _not_request(detail: str) -> BadRequest:

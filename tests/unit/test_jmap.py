@@ -7,7 +7,7 @@ from multidict import CIMultiDict
 
 from proxy.errors import BadRequest
 from proxy.flow import Flow, Request
-from proxy.jmap import is_api_request, parse_request, request_of, route_class
+from proxy.jmap import JmapRequest, MethodCall, is_api_request, parse_request, request_of, route_class
 
 NOT_JSON = "urn:ietf:params:jmap:error:notJSON"
 NOT_REQUEST = "urn:ietf:params:jmap:error:notRequest"
@@ -39,6 +39,29 @@ def test_parse_errors_carry_jmap_types(raw, jmap_type) -> None:
         parse_request(raw)
     assert e.value.status == 400
     assert e.value.extra["jmapType"] == jmap_type
+
+
+@pytest.mark.parametrize("using, calls", [
+    ([], []),
+    (["urn:ietf:params:jmap:core"], []),
+    (["urn:ietf:params:jmap:core", "urn:ietf:params:jmap:mail"],
+     [["Mailbox/get", {"accountId": "b", "ids": None}, "c0"]]),
+    ([], [["Core/echo", {}, "0"], ["Email/set", {"accountId": "a", "create": {"k": {}}}, "1"],
+          ["Core/echo", {"x": [1, 2]}, "0"]]),
+])
+def test_parse_builds_what_the_constructors_build(using, calls) -> None:
+    raw = body(using, calls)
+    doc = orjson.loads(raw)
+    expected = JmapRequest(tuple(using), tuple(MethodCall(n, a, c) for n, a, c in calls), doc)
+    got = parse_request(raw)
+    assert got == expected
+    assert got.names == expected.names == tuple(n for n, _, _ in calls)
+    assert [repr(c) for c in got.calls] == [repr(c) for c in expected.calls]
+    with pytest.raises(AttributeError):  # still frozen
+        got.using = ()  # type: ignore[misc]
+    for call in got.calls:
+        with pytest.raises(AttributeError):
+            call.name = "x"  # type: ignore[misc]
 
 
 @pytest.mark.parametrize("args, expected", [

@@ -215,6 +215,22 @@ async def test_fingerprinting_headers_are_dropped_from_the_parser_bytes() -> Non
     assert [n for _, n, _ in kept.response.raw] == [b"Content-Type"]
 
 
+@pytest.mark.parametrize("names, kept", [
+    (["Server"], []),
+    (["A", "B"], ["A", "B"]),
+    (["Server", "A", "Via", "via", "B", "X-Runtime"], ["A", "B"]),
+    (["A", "Server", "Server", "B", "Alt-Svc", "C"], ["A", "B", "C"]),
+    (["A", "B", "Set-Cookie", "Server"], ["A", "B", "Set-Cookie"]),
+])
+async def test_stripping_the_parser_bytes_keeps_the_rest_in_order(names, kept) -> None:
+    mgr = await manager()
+    f = upstream_flow("POST", "/jmap", 200, [(n, f"v{i}") for i, n in enumerate(names)])
+    await run(mgr, f, b"{}")
+    assert not f.response.headers_read
+    assert [(n.decode(), v.decode()) for _, n, v in f.response.raw] == \
+        [(n, f"v{names.index(n)}") for n in kept]
+
+
 async def test_parser_bytes_with_a_location_or_a_session_use_the_headers() -> None:
     mgr = await manager()
     f = upstream_flow("GET", "/jmap/x", 302, [("Server", "nginx"),

@@ -12,7 +12,7 @@ import pytest
 from multidict import CIMultiDict
 
 from addons.jmap_guard import JmapGuard, account_path
-from addons.rest_facade import RestFacade, RestFacadeOptions
+from addons.rest_facade import FACADE_ROOT, RestFacade, RestFacadeOptions
 from addons.upstream_identity import UpstreamIdentity
 from proxy import rest
 from proxy.addonmanager import AddonManager
@@ -91,10 +91,14 @@ def test_route_refusals(method, path, error, allow):
 
 @pytest.mark.parametrize("path, facade", [
     ("/api/v1/mail", True), ("/api/v1/mail/x", True), ("/api/v1/openapi.json", True),
-    ("/api/v1/mailx", False), ("/api/v1/other", False), ("/jmap/", False),
+    ("/api/v1/mail/", True), (rest.UPLOAD_PATH, True),
+    ("/api/v1/mailx", False), ("/api/v1/other", False), ("/jmap/", False), ("/api/v1", False), ("", False),
 ])
 def test_is_facade_path(path, facade):
     assert rest.is_facade_path(path) is facade
+    if facade:  # the addon's cheap first test lets every facade path through
+        assert path.startswith(FACADE_ROOT)
+    assert FACADE_ROOT == "/api/v1/"
 
 
 # ---------------------------------------------------------------------------- list query validation

@@ -102,9 +102,12 @@ def test_canonical_string_table(args, expected):
 
 
 @pytest.mark.parametrize("method,target", [("GET", "/a\nb"), ("GET", "/a\rb"), ("G\nET", "/")])
-def test_canonical_string_refuses_line_breaks(method, target):
+def test_canonical_string_and_sign_refuse_line_breaks(method, target):
     with pytest.raises(ValueError):
         canonical_string(method, target, "", "", "", "r", 1, UNSIGNED_PAYLOAD)
+    with pytest.raises(ValueError):
+        sign(KeyRing({"k1": SECRET}), method, target, user_id=None, tenant=None, session_id=None,
+             request_id="r", timestamp=1, body=None)
 
 
 @pytest.mark.parametrize("body,expected", [
@@ -128,6 +131,23 @@ def test_vector_sign(vec):
     ref_canonical, ref_sig = _ref_signature(vec)
     assert ref_canonical == vec["expected"]["canonical"]
     assert ref_sig == vec["expected"]["headers"][H_SIGNATURE]
+
+
+@pytest.mark.parametrize("request_id", [
+    "abc-0001", "", "a b", "50%", "tab\there", "del\x7f", "nul\x00", "caf\u00e9", "~!$&'()*+,;=",
+    "\"quoted\"", "x" * 200])
+@pytest.mark.parametrize("body", [None, b"", b"{}", bytes(range(256))])
+@pytest.mark.parametrize("target", ["/jmap", "/jmap/download/a/b?x=%2F&y=1", "/d/\udcff\udcfe"])
+def test_sign_matches_the_documented_form(request_id, body, target):
+    content = "UNSIGNED-PAYLOAD" if body is None else hashlib.sha256(body).hexdigest()
+    canonical = "\n".join(("SGE-HMAC-SHA256-V1", "POST", target, _ref_encode("u 1"), "", _ref_encode("s%9"),
+                           _ref_encode(request_id), str(T0), content))
+    mac = hmac.new(SECRET, canonical.encode("utf-8", "surrogateescape"), hashlib.sha256).digest()
+    headers = sign(KeyRing({"k1": SECRET}), "POST", target, user_id="u 1", tenant=None, session_id="s%9",
+                   request_id=request_id, timestamp=T0, body=body)
+    assert headers == [(H_USER, "u%201"), (H_TENANT, ""), (H_SESSION, "s%259"),
+                       (H_REQUEST, _ref_encode(request_id)), (H_TIMESTAMP, str(T0)), (H_CONTENT, content),
+                       (H_SIGNATURE, f"v1,kid=k1,sig={base64.urlsafe_b64encode(mac).decode().rstrip('=')}")]
 
 
 @pytest.mark.parametrize("vec", VECTORS, ids=[v["name"] for v in VECTORS])
