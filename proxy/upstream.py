@@ -132,6 +132,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._sink: Callable[[bytes], None] | None = None
         self._cap: int | None = None
         self._received = 0
+        self._left: int | None = None  # body bytes still due, when Content-Length delimits it
         self._read_paused = False
         self._timer: asyncio.TimerHandle | None = None  # the mid-body idle check
         self.deadline = _NEVER  # the response head is due by then (UpstreamPool._sweep checks)
@@ -150,6 +151,23 @@ class UpstreamConnection(asyncio.Protocol):
         self._got_bytes = True
         if self._timer is not None:  # the mid-body idle check is armed
             self._last_activity = self._loop.time()
+        left = self._left
+        if left is not None and self._head_seen and not self._complete:
+            # the rest of a Content-Length body goes on as it came: no parser scan, no copy
+            n = len(data)
+            if n < left:
+                self._left = left - n
+                self._deliver(data)
+                return
+            self._left = 0
+            self._deliver(data if n == left else data[:left])
+            if self.closed:
+                return
+            if n > left:
+                self._keep_alive = False  # bytes after the answer: this connection is not reused
+            self.parser = httptools.HttpResponseParser(self)  # llhttp was left mid-body
+            self.on_message_complete()
+            return
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as e:
@@ -217,6 +235,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._status = status
         self._head_seen = True
         self._keep_alive = self.parser.should_keep_alive()
+        cl = self._clen
+        if cl is not None and self._te is None and not self._head_method and status not in (204, 304) \
+                and cl.isdigit():
+            self._left = int(cl)
         if self.deadline != _NEVER:
             self.deadline = _NEVER
             self.pool._armed.discard(self)
@@ -227,6 +249,11 @@ class UpstreamConnection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if self._status == -1:
             return
+        if self._left is not None:
+            self._left -= len(body)
+        self._deliver(body)
+
+    def _deliver(self, body: bytes) -> None:
         self._received += len(body)
         if self._sink is not None:
             self._sink(body)

@@ -21,6 +21,23 @@ ROOT = Path(__file__).resolve().parent.parent
 SEEN: web.AppKey[list] = web.AppKey("seen", list)
 
 
+def distinct_block(i: int) -> bytes:
+    """64 KiB that differ from every other block's: a body whose bytes show any reordering."""
+    return hashlib.sha256(i.to_bytes(8, "big")).digest() * 2048
+
+
+def distinct_body_sha256(n: int) -> str:
+    """The SHA-256 of the first `n` bytes of /download/{n}?distinct=1."""
+    h = hashlib.sha256()
+    i = 0
+    while n > 0:
+        block = distinct_block(i)[:n]
+        h.update(block)
+        n -= len(block)
+        i += 1
+    return h.hexdigest()
+
+
 def upstream_app() -> web.Application:
     """The test upstream: records what it received and offers slow, big and hop-by-hop answers."""
     app = web.Application(client_max_size=1 << 31)
@@ -44,12 +61,16 @@ def upstream_app() -> web.Application:
             resp.content_length = n
         resp.content_type = "application/octet-stream"
         await resp.prepare(r)
+        distinct = r.query.get("distinct") == "1"
         block = b"x" * 65536
-        left = n
+        left, i = n, 0
         while left:
+            if distinct:
+                block = distinct_block(i)
             k = min(left, len(block))
             await resp.write(block[:k])
             left -= k
+            i += 1
         await resp.write_eof()
         return resp
 

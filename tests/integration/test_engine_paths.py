@@ -4,6 +4,7 @@ a Task must clean up itself (a client that leaves, a pooled connection that dies
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 
 import pytest
@@ -176,3 +177,31 @@ async def test_a_pooled_connection_that_dies_unanswered_replays_only_idempotent_
         await eng.stop(drain_timeout=1)
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.parametrize("size, length", [
+    (3 * 1024 * 1024 + 17, True),   # Content-Length: most of it passed on without the parser
+    (1, True), (0, True),
+    (3 * 1024 * 1024 + 17, False),  # chunked from upstream: every byte through llhttp
+])
+async def test_streamed_bodies_arrive_whole_and_the_connection_serves_again(certs, upstream, client, size, length):
+    from tests.harness import distinct_body_sha256
+    eng = await start_proxy(certs, upstream)
+    try:
+        base = f"http://127.0.0.1:{eng.port}"
+        for _ in range(3):  # the same pooled connection again after each body
+            digest, n = hashlib.sha256(), 0
+            url = f"{base}/download/{size}?distinct=1" + ("&length=1" if length else "")
+            async with client.get(url) as r:
+                assert r.status == 200
+                if length:
+                    assert r.headers["Content-Length"] == str(size)
+                async for chunk in r.content.iter_chunked(1 << 16):
+                    digest.update(chunk)
+                    n += len(chunk)
+            assert n == size and digest.hexdigest() == distinct_body_sha256(size)
+            async with client.get(base + "/jmap/?after") as r:
+                assert r.status == 200 and (await r.json())["path"] == "/jmap/?after"
+        assert eng.in_flight == 0
+    finally:
+        await eng.stop(drain_timeout=1)

@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""Microbenchmark of the engine's own Python per request: plain forwarding (no addons), without
+sockets or TLS. Not a test.
+
+    python bench/engine_micro.py [-n 50000] [--access-log off|FILE] [--profile]
+
+A real Engine from bench/configs/plain.yaml, a real HttpProtocol and a real UpstreamConnection,
+joined by in-memory transports: each request is the bytes wrk sends for GET /small.json, fed to
+the client protocol's data_received; the pooled connection then gets the bytes the bench nginx
+answers (a 2.2 KB body). One event-loop turn after each, so the deferred starts and answers run.
+It prints microseconds per request (an empty turn of the same harness is measured alongside, to
+subtract) and, with --profile, cProfile's view of one run. For instruction counts that do not
+depend on the machine's noise, run it under valgrind:
+
+    valgrind --tool=callgrind python bench/engine_micro.py -n 1000 --quiet
+    valgrind --tool=callgrind python bench/engine_micro.py -n 3000 --quiet
+
+and divide the difference of the two totals by 2000.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import os
+import pstats
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+REQUEST = b"GET /small.json HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nAuthorization: Bearer x\r\n\r\n"
+BODY = b"x" * 2200
+ANSWER = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Thu, 26 Nov 2026 15:40:00 GMT\r\n"
+          b"Content-Type: application/json\r\nContent-Length: 2200\r\n"
+          b"Last-Modified: Thu, 26 Nov 2026 15:20:00 GMT\r\nConnection: keep-alive\r\n"
+          b"ETag: \"6a8f-898\"\r\nAccept-Ranges: bytes\r\n\r\n") + BODY
+
+
+class MemoryTransport:
+    """What the protocols write goes to a list."""
+
+    def __init__(self) -> None:
+        self.out: list[bytes] = []
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.out.append(data)
+
+    def get_extra_info(self, name: str, default=None):
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    abort = close
+
+    def pause_reading(self) -> None:
+        pass
+
+    resume_reading = pause_reading
+
+
+async def main(args: argparse.Namespace) -> None:
+    from proxy.config import load_config
+    from proxy.engine import Engine
+    from proxy.server import HttpProtocol
+    from proxy.upstream import UpstreamConnection
+
+    certs = ROOT / "certs-dev"
+    if not (certs / "client.crt").exists():
+        from proxy import devcerts
+        devcerts.generate(certs)
+    env = {"STALWART_URL": "https://127.0.0.1:8443", "SGE_CHAIN": "", "SGE_ACCESS_LOG": args.access_log,
+           "STALWART_CLIENT_CERT": str(certs / "client.crt"), "STALWART_CLIENT_KEY": str(certs / "client.key"),
+           "STALWART_CA_CERT": str(certs / "ca.crt")}
+    eng = Engine(load_config(ROOT / "bench" / "configs" / "plain.yaml", env=env))
+    await eng.load_addons()
+    eng.access_log.start()
+    target = eng.default_target
+    conn = UpstreamConnection(eng.pool, target, eng.tls.generation)
+    upstream = MemoryTransport()
+    conn.connection_made(upstream)  # type: ignore[arg-type]
+    eng.pool._count[target.key] = 1
+    eng.pool._idle[target.key] = [conn]
+    proto = HttpProtocol(eng, "http")
+    downstream = MemoryTransport()
+    proto.connection_made(downstream)  # type: ignore[arg-type]
+    turn = asyncio.sleep
+
+    async def request() -> None:
+        proto.data_received(REQUEST)
+        await turn(0)
+        conn.data_received(ANSWER)
+        await turn(0)
+
+    async def empty() -> None:
+        await turn(0)
+        await turn(0)
+
+    for _ in range(500):
+        await request()
+    if not downstream.out[-1].endswith(BODY) or not upstream.out[-1].startswith(b"GET /small.json"):
+        raise SystemExit("the engine did not forward the request and answer as expected")
+    results = {}
+    for label, fn in (("empty turns", empty), ("request", request)) * (1 if args.quiet else 2):
+        downstream.out.clear()
+        upstream.out.clear()
+        t0 = time.perf_counter()
+        for _ in range(args.n):
+            await fn()
+        results[label] = (time.perf_counter() - t0) / args.n * 1e6
+        if not args.quiet:
+            print(f"{label:12s} {results[label]:7.2f} µs")
+    if not args.quiet:
+        print(f"engine per request: {results['request'] - results['empty turns']:.2f} µs "
+              f"(request minus empty turns)")
+    if args.profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(args.n):
+            await request()
+        prof.disable()
+        pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+    await eng.access_log.close()
+    await eng.pool.close()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("-n", type=int, default=50000, help="requests per measurement")
+    ap.add_argument("--access-log", default=os.devnull, help="off, or a file (default: /dev/null)")
+    ap.add_argument("--profile", action="store_true", help="also print cProfile's view of one run")
+    ap.add_argument("--quiet", action="store_true", help="one measurement, no output (for callgrind)")
+    import uvloop
+    uvloop.run(main(ap.parse_args()))
