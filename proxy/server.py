@@ -183,6 +183,7 @@ class HttpProtocol(asyncio.Protocol):
         self.peer = ""
         self.closed = False
         self._url = b""
+        self._limits = engine.config.limits
         self._headers: list[tuple[str, str]] = []
         self._header_bytes = 0
         self._parsing: RequestBody | None = None
@@ -315,17 +316,18 @@ class HttpProtocol(asyncio.Protocol):
         self._header_bytes = 0
         self._h = {}
         self._names = False  # a Connection header names a header (beyond Keep-Alive)
-        self._arm(self.engine.config.limits.header_timeout)
+        limits = self._limits = self.engine.config.limits  # (this request's, whatever a reload does)
+        self.deadline = self.loop.time() + limits.header_timeout
 
     def on_url(self, url: bytes) -> None:
         self._url += url
         self._header_bytes += len(url)
-        if self._header_bytes > self.engine.config.limits.max_header_bytes:
+        if self._header_bytes > self._limits.max_header_bytes:
             raise HeadersTooLarge("The request line and headers are too large.")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_bytes += len(name) + len(value) + 4
-        limits = self.engine.config.limits
+        limits = self._limits
         if self._header_bytes > limits.max_header_bytes or len(self._headers) >= limits.max_headers:
             raise HeadersTooLarge("The request headers are too large.")
         ln = name.lower()
