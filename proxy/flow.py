@@ -40,6 +40,15 @@ def _scrub_kind(lname: str) -> int:
     return kind
 
 
+def _raw_value(raw: "RawHeaders", lname: str) -> str | None:
+    """The first value of the header `lname` (lower case) in the parser's bytes."""
+    key = lname.encode("latin-1")
+    for ln, _, v in raw:
+        if ln == key:
+            return v.decode("latin-1")
+    return None
+
+
 def _decode(raw: "RawHeaders") -> CIMultiDict:
     return CIMultiDict([(n.decode("latin-1"), v.decode("latin-1")) for _, n, v in raw])
 
@@ -153,11 +162,7 @@ class Request(_Message):
             return None
         if kind != _KEEP or self.raw_connection:
             return self.headers.get(name)
-        key = lname.encode("latin-1")
-        for ln, _, v in self.raw:
-            if ln == key:
-                return v.decode("latin-1")
-        return None
+        return _raw_value(self.raw, lname)
 
     @property
     def target(self) -> str:
@@ -229,11 +234,7 @@ class Response(_Message):
             return None
         if self.raw_connection:
             return self.headers.get(name)
-        key = lname.encode("latin-1")
-        for ln, _, v in self.raw:
-            if ln == key:
-                return v.decode("latin-1")
-        return None
+        return _raw_value(self.raw, lname)
 
     @property
     def content_type(self) -> str:
