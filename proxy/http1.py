@@ -6,7 +6,8 @@ from http import HTTPStatus
 
 from multidict import CIMultiDict
 
-__all__ = ["HOP_BY_HOP", "RESPONSE_SCRUBBED", "names_headers", "scrub_request", "scrub_response", "request_head", "response_head",
+__all__ = ["HOP_BY_HOP", "RESPONSE_SCRUBBED", "names_headers", "request_scrubber", "response_scrubber",
+           "status_line", "scrub_request", "scrub_response", "request_head", "response_head",
            "valid_request_id", "reason_phrase", "connection_tokens", "rewrite_location",
            "raw_request_head", "raw_response_head"]
 
@@ -187,6 +188,17 @@ def _lines(add: "bytes | list[tuple[str, str]]") -> bytes:
     return "".join(f"{k}: {v}\r\n" for k, v in add).encode("latin-1")
 
 
+def request_scrubber(own: frozenset[bytes]) -> _RawScrubber:
+    """The scrubber raw_request_head uses for `own`: callers on the hot path keep it and call its
+    head(request_line, raw, add, has_connection, extra) themselves."""
+    return _scrubber(False, own)
+
+
+def response_scrubber(drop_extra: frozenset[bytes]) -> _RawScrubber:
+    """The scrubber raw_response_head uses for `drop_extra` (see request_scrubber)."""
+    return _scrubber(True, drop_extra)
+
+
 def raw_request_head(method: str, target: str, raw: list, own: frozenset[bytes],
                      add: "bytes | list[tuple[str, str]]", has_connection: bool = True,
                      extra: "frozenset[bytes] | set[bytes] | None" = None) -> bytes:
@@ -205,9 +217,14 @@ def raw_response_head(status: int, reason: str, raw: list, add: "bytes | list[tu
                       drop_extra: frozenset[bytes] = frozenset(), has_connection: bool = True) -> bytes:
     """scrub_response on parser bytes, plus `add` (names in drop_extra, a constant set, are
     dropped first). has_connection=False promises no Connection header names anything."""
+    return _scrubber(True, drop_extra).head(status_line(status, reason), raw, _lines(add), has_connection, None)
+
+
+def status_line(status: int, reason: str) -> bytes:
+    """b"HTTP/1.1 200 OK\\r\\n" (the reason phrase of the status when `reason` is empty), cached."""
     line = _STATUS_LINES.get((status, reason))
     if line is None:
         line = f"HTTP/1.1 {status} {reason or reason_phrase(status)}\r\n".encode("latin-1")
         if len(_STATUS_LINES) < 256:
             _STATUS_LINES[(status, reason)] = line
-    return _scrubber(True, drop_extra).head(line, raw, _lines(add), has_connection, None)
+    return line

@@ -20,8 +20,8 @@ from multidict import CIMultiDict
 from .errors import (BadRequest, HeadersTooLarge, InternalError, PayloadTooLarge, ProxyError,
                      UpstreamProtocolError, UpstreamTimeout, UpstreamTooLarge, to_response)
 from .flow import Flow, Request, Response
-from .http1 import (names_headers, raw_request_head, raw_response_head, reason_phrase, request_head, response_head,
-                    rewrite_location, valid_request_id)
+from .http1 import (names_headers, reason_phrase, request_head, request_scrubber, response_head, response_scrubber,
+                    rewrite_location, status_line, valid_request_id)
 from .breaker import Circuit
 from .health import FALLBACKS
 from .jmap import route_class
@@ -75,6 +75,10 @@ class _At:
         self.picked = picked
 
 
+# the raw-head scrubbers of the two legs, kept (http1.raw_request_head/raw_response_head, minus two calls)
+_REQUEST_SCRUB = request_scrubber(_ENGINE_SETS)
+_RESPONSE_SCRUB = response_scrubber(_RESP_OWN)
+_RESPONSE_SCRUB_CHUNKED = response_scrubber(_RESP_OWN_CHUNKED)
 _HOST_LINES: dict[tuple, bytes] = {}
 
 
@@ -397,13 +401,6 @@ class HttpProtocol(asyncio.Protocol):
         if self.closed:  # the client left before its request started
             return
         self._busy = True
-        self._begin(flow, body, keep_alive)
-        if body is None or body.complete:
-            self._fast(flow, body)
-        else:  # a body still arriving: streamed (or buffered) by the Task
-            self._spawn(flow, body, None)
-
-    def _begin(self, flow: Flow, body: RequestBody | None, keep_alive: bool) -> None:
         eng = self.engine
         gen = self._gen = eng.generation  # the chain this request keeps to its end, whatever a reload swaps in
         gen.in_flight += 1
@@ -414,6 +411,10 @@ class HttpProtocol(asyncio.Protocol):
         flow.upstream = eng.default_target
         self._flow = flow
         self._body = body
+        if body is None or body.complete:
+            self._fast(flow, body)
+        else:  # a body still arriving: streamed (or buffered) by the Task
+            self._spawn(flow, body, None)
 
     def _end(self, flow: Flow, status: int) -> None:
         """The request is over (answered, failed or abandoned): count it, log it, go on."""
@@ -801,8 +802,8 @@ class HttpProtocol(asyncio.Protocol):
             add.append(f"{k}: {v}\r\n".encode("latin-1"))
         if edits:  # set_header() on the bytes: drop the client's, add the addon's
             add += [f"{n}: {v}\r\n".encode("latin-1") for n, v in edits.values() if v is not None]
-        return raw_request_head(req.method, upath, req.raw, _ENGINE_SETS, b"".join(add), req.raw_connection,
-                                edits.keys() if edits else None)
+        return _REQUEST_SCRUB.head(f"{req.method} {upath} HTTP/1.1\r\n".encode("latin-1"), req.raw, b"".join(add),
+                                   req.raw_connection, edits.keys() if edits else None)
 
     async def _body_frames(self, flow: Flow, body: RequestBody, *, chunked: bool) -> AsyncIterator[bytes]:
         while True:
@@ -888,8 +889,8 @@ class HttpProtocol(asyncio.Protocol):
             add += b"Connection: close\r\n"
         if chunked:
             add += b"Transfer-Encoding: chunked\r\n"
-        return raw_response_head(resp.status, resp.reason, up.raw, add,
-                                 _RESP_OWN_CHUNKED if chunked else _RESP_OWN, up.connection), chunked
+        scrub = _RESPONSE_SCRUB_CHUNKED if chunked else _RESPONSE_SCRUB
+        return scrub.head(status_line(resp.status, resp.reason), up.raw, add, up.connection, None), chunked
 
     async def _send(self, flow: Flow, resp: Response, up: "UpstreamResponse | None") -> int:
         status = self._send_now(flow, resp, up)
