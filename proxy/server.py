@@ -600,7 +600,9 @@ class HttpProtocol(asyncio.Protocol):
                      err: BaseException | None) -> None:
         gen = self._gen
         status = 0
-        up: UpstreamResponse | None = at.up if at is not None else None
+        # set once the chain is through; until then the exchange in progress, if any, is
+        # self._upstream (None again once its connection went back to the pool)
+        up: UpstreamResponse | None = None
         head_sent = False
         try:
             try:
@@ -619,12 +621,10 @@ class HttpProtocol(asyncio.Protocol):
                 status = await self._fail(flow, e, up, gen.addons)
         except asyncio.CancelledError:
             status = status or 499  # the client went away
-            if up is not None:
-                up.conn.abort()
+            self._abort_upstream()
         except Exception as e:  # a bug of ours: never leave the client hanging
             log.error("request %s failed unexpectedly", flow.id, exc_info=e)
-            if up is not None:
-                up.conn.abort()
+            self._abort_upstream()
             if not head_sent and not self.closed:
                 status = await self._fail(flow, InternalError("The request could not be processed."), None,
                                           gen.addons)
@@ -636,6 +636,14 @@ class HttpProtocol(asyncio.Protocol):
             flow.error = flow.error or e
         finally:
             self._end(flow, status)
+
+    def _abort_upstream(self) -> None:
+        """Drop the connection of an exchange that cannot finish: self._upstream, set while one
+        is in progress and cleared once its connection is back in the pool (_finish_upstream),
+        so a pooled connection, maybe carrying another request by now, is never touched."""
+        conn, self._upstream = self._upstream, None
+        if conn is not None:
+            conn.abort()
 
     async def _run_chain(self, flow: Flow, body: RequestBody | None, mgr: "AddonManager",
                          at: "_At | None" = None) -> "UpstreamResponse | None":

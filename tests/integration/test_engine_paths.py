@@ -205,3 +205,41 @@ async def test_streamed_bodies_arrive_whole_and_the_connection_serves_again(cert
         assert eng.in_flight == 0
     finally:
         await eng.stop(drain_timeout=1)
+
+
+class _RefusesAfterBuffering:
+    """Buffers the answer, then refuses it from a `response` hook that waits first: the refusal
+    comes after the upstream connection went back to the pool."""
+
+    security = True
+
+    def responseheaders(self, flow):
+        flow.response.want_body(1 << 20)
+
+    def response(self, flow):
+        from proxy.errors import Forbidden
+
+        async def later():
+            await asyncio.sleep(0.001)
+            raise Forbidden("Not this answer.")
+        return later()
+
+
+async def test_a_refusal_after_the_answer_was_buffered_leaves_the_pooled_connection_alone(certs, upstream, client):
+    eng = await start_proxy(certs, upstream, addon_objects=[_RefusesAfterBuffering()],
+                            **{"stalwart.health_interval": 3600})
+    try:
+        base = f"http://127.0.0.1:{eng.port}"
+        seen = []
+        for _ in range(5):
+            async with client.get(base + "/jmap/") as r:
+                assert r.status == 403
+                assert r.headers["Content-Type"] == "application/problem+json"
+            # the connection went back to the pool before the refusal, and stays there: no
+            # connection is closed, none opened (the start-up health probe's is pooled too)
+            [stats] = eng.pool.stats().values()
+            assert stats["idle"] == stats["open"]
+            seen.append(stats["open"])
+        assert seen == [seen[0]] * 5, seen
+    finally:
+        await eng.stop(drain_timeout=1)
