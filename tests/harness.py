@@ -90,6 +90,11 @@ def upstream_app() -> web.Application:
         await asyncio.sleep(int(r.match_info["ms"]) / 1000)
         return web.json_response({"slept": int(r.match_info["ms"])})
 
+    async def status(r: web.Request) -> web.Response:
+        code = int(r.match_info["code"])
+        return web.Response(status=code, headers={"ETag": '"v1"', "X-Status": str(code)},
+                            body=None if code in (204, 304) else b"hello")
+
     async def hop(r: web.Request) -> web.Response:
         return web.Response(text="hop", headers={
             "Upgrade": "h2c", "Connection": "Upgrade, X-Private", "X-Private": "1", "Alt-Svc": 'h2c=":1"',
@@ -113,6 +118,7 @@ def upstream_app() -> web.Application:
     app.router.add_route("*", "/hang", hang)
     app.router.add_route("*", "/slow/{ms}", slow)
     app.router.add_route("*", "/hop", hop)
+    app.router.add_route("*", "/status/{code}", status)
     app.router.add_route("GET", "/redirect", redirect)
     app.router.add_route("GET", "/jmap/eventsource/", events)
     app.router.add_route("*", "/{tail:.*}", echo)

@@ -243,3 +243,33 @@ async def test_a_refusal_after_the_answer_was_buffered_leaves_the_pooled_connect
         assert seen == [seen[0]] * 5, seen
     finally:
         await eng.stop(drain_timeout=1)
+
+
+@pytest.mark.parametrize("method, path, status, body", [
+    ("HEAD", "/status/200", 200, b""),   # a Content-Length and no body
+    ("GET", "/status/204", 204, b""),
+    ("GET", "/status/304", 304, b""),
+    ("GET", "/status/200", 200, b"hello"),
+])
+async def test_answers_without_a_body_keep_both_connections_in_step(certs, upstream, method, path, status, body):
+    """Each answer is followed on the same client connection (and the same pooled upstream
+    connection) by another request: a body-less answer must not leave a byte, or a wait, behind."""
+    eng = await start_proxy(certs, upstream)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", eng.port)
+        for _ in range(3):
+            writer.write(f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            got = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            head = got.decode().lower()
+            assert head.startswith(f"http/1.1 {status} ") and "x-status: " + str(status) in head
+            if method == "HEAD" or status in (204, 304):
+                assert "transfer-encoding" not in head
+            else:
+                assert await asyncio.wait_for(reader.readexactly(len(body)), 5) == body
+            writer.write(b"GET /jmap/?next HTTP/1.1\r\nHost: x\r\n\r\n")
+            code, _, answer = await asyncio.wait_for(_read_response(reader), 5)
+            assert code == 200 and json.loads(answer)["path"] == "/jmap/?next"
+        writer.close()
+        assert eng.in_flight == 0
+    finally:
+        await eng.stop(drain_timeout=1)
