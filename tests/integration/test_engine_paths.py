@@ -273,3 +273,23 @@ async def test_answers_without_a_body_keep_both_connections_in_step(certs, upstr
         assert eng.in_flight == 0
     finally:
         await eng.stop(drain_timeout=1)
+
+
+async def test_expect_100_continue_is_answered_before_the_body_comes(certs, upstream):
+    eng = await start_proxy(certs, upstream)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", eng.port)
+        head = b"POST /jmap/ HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\nExpect: 100-continue\r\n\r\n"
+        # a client that waits for the go-ahead
+        writer.write(head)
+        assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b'{"x":1}')
+        status, _, body = await asyncio.wait_for(_read_response(reader), 5)
+        assert status == 200 and json.loads(body)["length"] == 7
+        # a client that sends the body at once: answered, and no stray 100 before the answer
+        writer.write(head + b'{"y":2}')
+        status, _, body = await asyncio.wait_for(_read_response(reader), 5)
+        assert status == 200 and json.loads(body)["length"] == 7
+        writer.close()
+    finally:
+        await eng.stop(drain_timeout=1)
