@@ -160,7 +160,7 @@ class AddonManager:
         self.secrets: SecretSource | None = None  # assigned by the engine, like fetcher
         self._items: list[Any | _FileAddon] = []
         self._dispatch: dict[str, list[_Entry]] = {h: [] for h in FLOW_HOOKS}
-        self._present: frozenset[str] = frozenset()
+        self.present: frozenset[str] = frozenset()  # the flow hooks some addon has (has(), without the call)
         self._tasks: dict[asyncio.Task, Any] = {}
         self._http: Any = None
         self._watch_task: asyncio.Task | None = None
@@ -238,11 +238,11 @@ class AddonManager:
                 if fn is not None:
                     table[h].append((addon_name(a), fn, inspect.iscoroutinefunction(fn), is_security(a)))
         self._dispatch = table
-        self._present = frozenset(h for h, entries in table.items() if entries)
+        self.present = frozenset(h for h, entries in table.items() if entries)
 
     # ------------------------------------------------------------------ dispatch (hot path)
     def has(self, hook: str) -> bool:
-        return hook in self._present
+        return hook in self.present
 
     def run_sync(self, hook: str, flow: "Flow") -> "tuple[int, Awaitable[Any]] | None":
         """Run a flow hook along the chain for as long as every addon answers synchronously (the

@@ -461,9 +461,10 @@ class HttpProtocol(asyncio.Protocol):
 
     def _fast(self, flow: Flow, body: RequestBody | None) -> None:
         mgr = self._gen.addons
+        present = mgr.present
         req = flow.request
         try:
-            if mgr.has("requestheaders"):
+            if "requestheaders" in present:
                 r = mgr.run_sync("requestheaders", flow)
                 if r is not None:
                     return self._spawn(flow, body, _At(_REQUESTHEADERS, r[0], r[1]))
@@ -475,7 +476,7 @@ class HttpProtocol(asyncio.Protocol):
                         raise PayloadTooLarge(f"The request body exceeds {cap} bytes.")
                     req.body = data
                     flow.bytes_in = len(data)
-                if mgr.has("request"):
+                if "request" in present:
                     r = mgr.run_sync("request", flow)
                     if r is not None:
                         return self._spawn(flow, body, _At(_REQUEST, r[0], r[1]))
@@ -535,7 +536,8 @@ class HttpProtocol(asyncio.Protocol):
             self._exchanged(flow, conn, ex[1], ex[2], up)
             flow.response = resp = self._upstream_response(flow, up)
             mgr = self._gen.addons
-            if mgr.has("responseheaders"):
+            present = mgr.present
+            if "responseheaders" in present:
                 r = mgr.run_sync("responseheaders", flow)
                 if r is not None:
                     return self._spawn(flow, body, _At(_RESPONSEHEADERS, r[0], r[1], up))
@@ -550,7 +552,7 @@ class HttpProtocol(asyncio.Protocol):
                         raise UpstreamTooLarge("The upstream response is larger than the proxy may buffer.")
                     resp.body = data
                 self._finish_upstream(up)
-            if mgr.has("response"):
+            if "response" in present:
                 r = mgr.run_sync("response", flow)
                 if r is not None:
                     return self._spawn(flow, body, _At(_RESPONSE, r[0], r[1], up))
