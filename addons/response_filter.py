@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from proxy.errors import ConfigError, UpstreamProtocolError
-from proxy.session import WEBSOCKET, Session, own_accounts, rewrite
+from proxy.session import WEBSOCKET, Session, after_authority, own_accounts, rewrite
 
 if TYPE_CHECKING:
     from proxy.addonmanager import Loader
@@ -53,13 +53,7 @@ def relative_location(location: str, upstream: "Target | None", extra_hosts: tup
         hosts.add(upstream.host.lower())
     if host not in hosts:
         return location
-    start = location.find("//") + 2
-    cut = len(location)
-    for sep in "/?#":
-        i = location.find(sep, start)
-        if 0 <= i < cut:
-            cut = i
-    rest = location[cut:]
+    rest = after_authority(location)
     return rest if rest.startswith("/") else "/" + rest
 
 

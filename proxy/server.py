@@ -512,16 +512,19 @@ class HttpProtocol(asyncio.Protocol):
     def _exchanged(self, flow: Flow, conn: "UpstreamConnection", target: "Target",
                    st: "ServerState | None", up: "UpstreamResponse") -> None:
         """Book a response head from `target` (what UpstreamPool.exchange and _forward do)."""
-        eng = self.engine
         dt = time.perf_counter() - conn.started
         flow.upstream_ms = dt * 1000
-        eng.metrics.upstream_seconds.observe((target.name,), dt)
+        self.engine.metrics.upstream_seconds.observe((target.name,), dt)
+        self._answered(flow, target, st, up.status)
+
+    def _answered(self, flow: Flow, target: "Target", st: "ServerState | None", status: int) -> None:
+        """`target` answered `status`: its health, and the count by target and status."""
         if st is not None:
-            if up.status < 500:
+            if status < 500:
                 st.success(time.monotonic())
             else:
-                st.answered(up.status, flow.client_addr, time.monotonic())
-        eng.metrics.upstream_requests.inc((target.name, str(up.status)))
+                st.answered(status, flow.client_addr, time.monotonic())
+        self.engine.metrics.upstream_requests.inc((target.name, str(status)))
 
     # UpstreamConnection's listener callbacks (the path without a Task)
     def upstream_done(self, conn: "UpstreamConnection") -> None:
@@ -735,22 +738,25 @@ class HttpProtocol(asyncio.Protocol):
         t0 = time.perf_counter()
         try:
             try:
-                up = await eng.pool.exchange(target, req.method, head, data, stream)
+                up = await self._attempt(flow, target, st, head, data, stream)
             except ProxyError as e:
-                health.failed(st, e, flow.client_addr)
                 if not isinstance(e, NotSent):
                     raise
                 target, st, up = await self._retry(flow, primary, target, st, framing, data, stream, e)
         finally:
             flow.upstream_ms = (time.perf_counter() - t0) * 1000
-        if st is not None:
-            if up.status < 500:
-                st.success(now)  # (counted at the request's start: the window's bucket hardly differs)
-            else:
-                st.answered(up.status, flow.client_addr, time.monotonic())
+        self._answered(flow, target, st, up.status)
         self._upstream = up.conn
-        eng.metrics.upstream_requests.inc((target.name, str(up.status)))
         return up
+
+    async def _attempt(self, flow: Flow, target: "Target", st: "ServerState | None", head: bytes,
+                       data: bytes | None, stream: AsyncIterator[bytes] | None) -> "UpstreamResponse":
+        """One exchange with `target`; a failure counts against its health and is raised."""
+        try:
+            return await self.engine.pool.exchange(target, flow.request.method, head, data, stream)
+        except ProxyError as e:
+            self.engine.health.failed(st, e, flow.client_addr)
+            raise
 
     async def _retry(self, flow: Flow, primary: "Target", target: "Target", st: "ServerState | None",
                      framing: list[tuple[str, str]], data: bytes | None, stream: AsyncIterator[bytes] | None,
@@ -761,7 +767,6 @@ class HttpProtocol(asyncio.Protocol):
         a streamed body has not been read yet. Raises the last error."""
         eng = self.engine
         health = eng.health
-        req = flow.request
         candidates = (primary, *(flow.metadata.get(FALLBACKS) or ()))
         tried: list[tuple] = [target.key]
         for attempt in range(1, eng.config.retry.attempts + 1):
@@ -777,9 +782,8 @@ class HttpProtocol(asyncio.Protocol):
             flow.upstream = target
             head = self._request_head(flow, target, framing)
             try:
-                up = await eng.pool.exchange(target, req.method, head, data, stream)
+                up = await self._attempt(flow, target, st, head, data, stream)
             except ProxyError as e:
-                health.failed(st, e, flow.client_addr)
                 if not isinstance(e, NotSent):
                     raise
                 err = e

@@ -174,6 +174,18 @@ def own_accounts(session: Session, login: str, *, allow_shared: bool = False) ->
     return frozenset(own)
 
 
+def after_authority(url: str) -> str:
+    """What follows scheme://authority in an absolute URL (path, query, fragment), sliced as a
+    string: template placeholders and escapes stay as they are. Pure."""
+    start = url.find("//") + 2
+    cut = len(url)
+    for sep in "/?#":
+        i = url.find(sep, start)
+        if 0 <= i < cut:
+            cut = i
+    return url[cut:]
+
+
 def rewrite_url(url: str, public_base: str, *, websocket: bool = False) -> str:
     """Point a session URL at the proxy.
 
@@ -185,13 +197,7 @@ def rewrite_url(url: str, public_base: str, *, websocket: bool = False) -> str:
     base = public_base.rstrip("/")
     parts = urlsplit(url)
     if parts.scheme and parts.netloc:
-        start = url.find("//") + 2
-        cut = len(url)
-        for sep in "/?#":
-            i = url.find(sep, start)
-            if 0 <= i < cut:
-                cut = i
-        rest = url[cut:]
+        rest = after_authority(url)
         i = rest.find("#")
         if i >= 0:
             rest = rest[:i]
