@@ -8,7 +8,12 @@
 - The core capability's limits are mirrored: more calls than maxCallsInRequest -> 400 with JMAP
   type urn:ietf:params:jmap:error:limit (Stalwart answers the same); a body over maxSizeRequest,
   or an upload over maxSizeUpload -> 413 with the same type.
-- WebSocket upgrades under jmap_path are refused unless `allow_websocket`: frames are not inspected.
+- WebSocket upgrades under jmap_path (JMAP over WebSocket, RFC 8887) are refused unless
+  `allow_websocket`. When allowed, the engine bridges messages (proxy.websocket) and every JMAP
+  Request message from the client is checked as POST /jmap is; a refused one is not forwarded
+  and the client gets a RequestError message instead (RFC 8887 section 4.3.4). Messages that are
+  not JSON, not one of the subprotocol's types, or binary are refused the same way (binary: the
+  session is closed, 1003).
 - Flows without an identity are left alone: the auth addon decides about them.
 
 The session is fetched once per (identity.subject, target) and cached (TTL, bounded LRU);
@@ -24,10 +29,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Hashable
 from urllib.parse import unquote, urljoin, urlsplit
 
+import orjson
+
 from proxy.cache import SingleFlight, TTLCache
 from proxy.errors import (BadGateway, BadRequest, ConfigError, Forbidden, InternalError, NoUpstream,
                           PayloadTooLarge, ProxyError, Unauthorized)
-from proxy.jmap import ACCOUNT_KEYS, JmapRequest, is_api_request, request_of
+from proxy.jmap import ACCOUNT_KEYS, JmapRequest, is_api_request, parse_request, request_of
 from proxy.session import Limits, Session, own_accounts
 
 if TYPE_CHECKING:
@@ -35,7 +42,8 @@ if TYPE_CHECKING:
     from proxy.flow import Flow
     from proxy.target import Target
 
-__all__ = ["JmapGuard", "JmapGuardOptions", "SessionCache", "SessionEntry", "check_request",
+__all__ = ["JmapGuard", "JmapGuardOptions", "SessionCache", "SessionEntry", "check_request", "check_ws_message",
+           "request_error",
            "account_path", "LIMIT_TYPE"]
 
 log = logging.getLogger(__name__)
@@ -79,6 +87,52 @@ def check_request(req: JmapRequest, own: frozenset[str], limits: Limits) -> None
                     "foreign_account")
 
 
+_WS_PASS = frozenset({"WebSocketPushEnable", "WebSocketPushDisable"})
+
+
+def check_ws_message(content: bytes, own: frozenset[str], limits: Limits) -> None:
+    """Raise the refusal for a JMAP-over-WebSocket message from the client (RFC 8887): a
+    Request is checked as POST /jmap is (size, calls, accounts); push enable/disable pass;
+    anything else is refused (notJSON, notRequest). Pure."""
+    if len(content) > limits.max_size_request:
+        raise _refused(limit_error(PayloadTooLarge, "maxSizeRequest",
+                                   f"The request is larger than {limits.max_size_request} bytes."), "too_large")
+    try:
+        doc = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        raise _refused(BadRequest("The message is not valid JSON.",
+                                  extra={"jmapType": "urn:ietf:params:jmap:error:notJSON"}), "websocket_message") from None
+    kind = doc.get("@type") if isinstance(doc, dict) else None
+    if kind in _WS_PASS:
+        return
+    if kind != "Request":
+        raise _refused(BadRequest("The message is not a JMAP Request, WebSocketPushEnable or WebSocketPushDisable.",
+                                  extra={"jmapType": "urn:ietf:params:jmap:error:notRequest"}), "websocket_message")
+    check_request(parse_request(content), own, limits)
+
+
+def request_error(exc: ProxyError, request_id: str | None) -> str:
+    """The RequestError message (RFC 8887 section 4.3.4) that answers a refused message: the
+    problem details of the HTTP answer, with "@type" and the message's "id" as "requestId". Pure."""
+    extra = exc.extra or {}
+    doc: dict[str, Any] = {"@type": "RequestError", "type": extra.get("jmapType", "about:blank"),
+                           "status": exc.status, "title": exc.title, "detail": exc.detail}
+    if "limit" in extra:
+        doc["limit"] = extra["limit"]
+    if request_id is not None:
+        doc["requestId"] = request_id
+    return orjson.dumps(doc).decode()
+
+
+def _message_id(content: bytes) -> str | None:
+    try:
+        doc = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return None
+    rid = doc.get("id") if isinstance(doc, dict) else None
+    return rid if isinstance(rid, str) else None
+
+
 def account_path(path: str, jmap_path: str) -> tuple[str, str | None] | None:
     """For a path under jmap_path: (kind, accountId or None) where kind is the first segment
     after jmap_path ("upload", "download", "eventsource", "" ...), percent-decoded once.
@@ -116,6 +170,10 @@ class SessionEntry:
 
 
 SessionCache = TTLCache  # sessions by (subject, target key): TTL + bounded LRU, see proxy.cache
+
+
+def _session_known(flow: "Flow", entry: SessionEntry) -> None:
+    """A check that only needs the session to be fetched (and cached)."""
 
 
 # ---------------------------------------------------------------------------- the addon
@@ -194,6 +252,30 @@ class JmapGuard:
             self._count(e)
             raise
 
+    def websocket_message(self, flow: "Flow") -> Any:
+        """Checks each message from the client of a JMAP WebSocket (see the module's docstring).
+        Returns a coroutine only when the session is not cached (any more)."""
+        msg = flow.websocket.messages[-1]  # type: ignore[union-attr]
+        if not msg.from_client or flow.identity is None:
+            return None
+        if not msg.is_text:
+            msg.drop()
+            self._refusals.labels("websocket_message").inc()
+            flow.websocket.close(1003, "JMAP over WebSocket uses text messages only.")  # type: ignore[union-attr]
+            return None
+        return self._with_entry(flow, self._check_message)
+
+    def _check_message(self, flow: "Flow", entry: SessionEntry) -> None:
+        ws = flow.websocket
+        assert ws is not None
+        msg = ws.messages[-1]
+        try:
+            check_ws_message(msg.content, entry.own, entry.session.limits)
+        except ProxyError as e:
+            self._count(e)
+            msg.drop()
+            ws.inject(request_error(e, _message_id(msg.content)), to_client=True)
+
     def _with_entry(self, flow: "Flow", check: Callable[["Flow", SessionEntry], None]) -> Any:
         """`check(flow, entry)` with the user's session entry: now when it is cached (None), else
         a coroutine that fetches it first."""
@@ -237,8 +319,10 @@ class JmapGuard:
         parsed = account_path(flow.request.path, self._jmap_path)
         if parsed is None:
             return None
-        if not self._opts.allow_websocket and "websocket" in (flow.request.header("Upgrade") or "").lower():
-            raise _refused(Forbidden("JMAP over WebSocket is not available through this proxy."), "websocket")
+        if "websocket" in (flow.request.header("Upgrade") or "").lower():
+            if not self._opts.allow_websocket:
+                raise _refused(Forbidden("JMAP over WebSocket is not available through this proxy."), "websocket")
+            return self._with_entry(flow, _session_known)  # (its messages are checked against it)
         kind, acct = parsed
         if kind in ("upload", "download"):
             if acct is None:

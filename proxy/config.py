@@ -147,6 +147,10 @@ class LimitOptions:
     max_headers: int = 128
     header_timeout: float = field(default=10.0, metadata={"kind": "duration"})
     keepalive_timeout: float = field(default=75.0, metadata={"kind": "duration"})
+    # WebSocket sessions (proxy.websocket): closed (1001) after this long without a frame either
+    # way; a larger message closes the session (1009). 10 MB: Stalwart's maxSizeRequest.
+    websocket_idle_timeout: float = field(default=600.0, metadata={"kind": "duration"})
+    websocket_max_message: int = field(default=10_000_000, metadata={"kind": "size"})
 
 
 @dataclass(frozen=True, kw_only=True)

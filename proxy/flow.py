@@ -13,6 +13,7 @@ from .http1 import RESPONSE_SCRUBBED as _RESPONSE_SCRUBBED, scrub_request, scrub
 
 if TYPE_CHECKING:
     from .identity import Identity
+    from .websocket import WebSocketData
     from .target import Target
 
 __all__ = ["Headers", "Request", "Response", "Flow"]
@@ -97,7 +98,8 @@ class Request(_Message):
     """
 
     __slots__ = ("method", "_target", "_path", "http_version", "_headers", "body", "scheme", "host",
-                 "body_cap", "content_length", "chunked", "_stream", "raw", "peer", "raw_connection", "edits")
+                 "body_cap", "content_length", "chunked", "_stream", "raw", "peer", "raw_connection", "edits",
+                 "websocket")
 
     def __init__(self, method: str, target: str, headers: CIMultiDict | None = None, *,
                  http_version: str = "1.1", body: bytes | None = None, scheme: str = "http",
@@ -118,6 +120,7 @@ class Request(_Message):
         self.content_length: int | None = None
         self.chunked = False
         self._stream: Any = None
+        self.websocket = False  # a WebSocket upgrade the engine will bridge (proxy.websocket)
 
     def _scrub(self, h: CIMultiDict) -> None:
         scrub_request(h, self.peer, self.scheme)
@@ -252,11 +255,12 @@ class Flow:
     identity: set by an auth addon.
     metadata: free-form notes addons share (namespaced by addon name, by convention).
     route: the bounded route class for metrics ("jmap", "api", "session", "other", ...).
+    websocket: the WebSocket session (proxy.websocket.WebSocketData) once the upgrade succeeded.
     """
 
     __slots__ = ("id", "request", "response", "upstream", "identity", "error", "metadata",
                  "client_addr", "started", "route", "upstream_ms", "bytes_in", "bytes_out",
-                 "client_token", "_finalizers", "__weakref__")
+                 "client_token", "_finalizers", "websocket", "__weakref__")
 
     def __init__(self, request: Request, *, id: str, client_addr: str = "",
                  upstream: "Target | None" = None) -> None:
@@ -275,6 +279,7 @@ class Flow:
         self.bytes_out = 0
         self.client_token: str | None = None
         self._finalizers: list | None = None
+        self.websocket: WebSocketData | None = None  # set once a WebSocket handshake is through
 
     def on_done(self, callback: "Callable[[Flow], None]") -> None:
         """Call `callback(flow)` once the exchange is completely over: the last response byte

@@ -10,7 +10,8 @@ if TYPE_CHECKING:
     from .flow import Flow
 
 __all__ = ["Hook", "LoadHook", "ConfigureHook", "RunningHook", "RequestHeadersHook", "RequestHook",
-           "ResponseHeadersHook", "ResponseHook", "ErrorHook", "DoneHook", "HOOKS", "FLOW_HOOKS"]
+           "ResponseHeadersHook", "ResponseHook", "ErrorHook", "WebSocketStartHook", "WebSocketMessageHook",
+           "WebSocketEndHook", "DoneHook", "HOOKS", "FLOW_HOOKS"]
 
 
 class Hook:
@@ -77,6 +78,30 @@ class ErrorHook(Hook):
 
 
 @dataclass
+class WebSocketStartHook(Hook):
+    """A WebSocket handshake went through (flow.websocket is set); no message relayed yet."""
+    name: ClassVar[str] = "websocket_start"
+    flow: "Flow"
+
+
+@dataclass
+class WebSocketMessageHook(Hook):
+    """A complete WebSocket message arrived: flow.websocket.messages[-1] (`from_client`,
+    `is_text`, `content`/`text`). Change it, `drop()` it, `flow.websocket.inject()` one of your own
+    or `flow.websocket.close(code, reason)`. Messages are handled one at a time, in order; raising
+    a ProxyError (or failing, in a security addon) closes the session (1008, or 1011)."""
+    name: ClassVar[str] = "websocket_message"
+    flow: "Flow"
+
+
+@dataclass
+class WebSocketEndHook(Hook):
+    """The WebSocket session is over (flow.websocket.close_code tells how, when known)."""
+    name: ClassVar[str] = "websocket_end"
+    flow: "Flow"
+
+
+@dataclass
 class DoneHook(Hook):
     """The addon is being removed, or the proxy is shutting down."""
     name: ClassVar[str] = "done"
@@ -84,5 +109,6 @@ class DoneHook(Hook):
 
 HOOKS: dict[str, type[Hook]] = {h.name: h for h in (
     LoadHook, ConfigureHook, RunningHook, RequestHeadersHook, RequestHook, ResponseHeadersHook,
-    ResponseHook, ErrorHook, DoneHook)}
-FLOW_HOOKS = ("requestheaders", "request", "responseheaders", "response", "error")
+    ResponseHook, ErrorHook, WebSocketStartHook, WebSocketMessageHook, WebSocketEndHook, DoneHook)}
+FLOW_HOOKS = ("requestheaders", "request", "responseheaders", "response", "error", "websocket_start",
+              "websocket_message", "websocket_end")

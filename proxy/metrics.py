@@ -142,6 +142,11 @@ class Metrics:
         self.connections = self.gauge("sge_proxy_upstream_connections",
                                       "Open upstream connections.", ("upstream", "state"))
         self.bytes = self.counter("sge_proxy_bytes_total", "Body bytes moved.", ("direction",))
+        self.websocket_messages = self._hot(HotCounter(
+            "sge_proxy_websocket_messages", "WebSocket messages relayed, by sender.", ("from",)))
+        self.websockets_open = 0
+        self.gauge("sge_proxy_websockets_open", "WebSocket sessions being bridged.").set_function(
+            lambda: self.websockets_open)
 
     def _hot(self, family: Any) -> Any:
         self.registry.register(family)

@@ -26,6 +26,7 @@ from .breaker import Circuit
 from .health import FALLBACKS
 from .jmap import route_class
 from .upstream import IDEMPOTENT, NotSent
+from . import websocket
 
 if TYPE_CHECKING:
     from .addonmanager import AddonManager
@@ -46,7 +47,7 @@ _NEVER = float("inf")
 _RESP_OWN = frozenset({b"x-request-id"})
 _RESP_OWN_CHUNKED = frozenset({b"x-request-id", b"content-length"})
 _ENGINE_READS = frozenset({b"host", b"content-length", b"transfer-encoding", b"expect", b"x-request-id",
-                           b"connection"})
+                           b"connection", b"upgrade", b"sec-websocket-key", b"sec-websocket-version"})
 # what the engine sets itself on the upstream request (dropped from the client's, then added)
 _ENGINE_SETS = frozenset({b"host", b"x-request-id", b"expect", b"content-length", b"transfer-encoding"})
 # names whose value the engine decides on the upstream request (an addon's set_header() of one of
@@ -207,6 +208,10 @@ class HttpProtocol(asyncio.Protocol):
         self._body: RequestBody | None = None
         self._gen: Any = None
         self._exchange: tuple[UpstreamConnection, Target, ServerState | None] | None = None
+        # a WebSocket upgrade: the client's bytes after its request head (None: plain HTTP), and
+        # the bridge once the handshake is through
+        self._after_upgrade: bytearray | None = None
+        self._ws: websocket.Bridge | None = None
 
     # ------------------------------------------------------------------ connection
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -223,7 +228,9 @@ class HttpProtocol(asyncio.Protocol):
         self._disarm()
         if self._parsing is not None:
             self._parsing._wake()
-        if self._task is not None and not self._task.done():
+        if self._ws is not None:  # the bridge ends the server's side with a closing handshake
+            self._ws.leg_lost(from_client=True)
+        elif self._task is not None and not self._task.done():
             self._task.cancel()
         ex, self._exchange = self._exchange, None
         if ex is not None:  # waiting for upstream without a Task: the client went away
@@ -250,10 +257,23 @@ class HttpProtocol(asyncio.Protocol):
             self.transport.close()
 
     def data_received(self, data: bytes) -> None:
+        if self._after_upgrade is not None:  # WebSocket frames, not HTTP
+            if self._ws is not None:
+                self._ws.client_data(data)
+            else:  # the handshake is still going on: keep them for the bridge
+                self._after_upgrade += data
+                if len(self._after_upgrade) > _BODY_HIGH:
+                    self.pause_reading()
+            return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            # upgrades are not offered: the request was handled as plain HTTP; close after it
+        except httptools.HttpParserUpgrade as e:
+            last = self._queue[-1] if self._queue else self._pending or (self._flow, None, False)
+            if last[0] is not None and last[0].request.websocket:
+                # a WebSocket upgrade the proxy bridges: what follows the head is the client's
+                # first frames (nothing more is read as HTTP on this connection)
+                self._after_upgrade = bytearray(data[e.args[0]:] if e.args else b"")
+            # any other upgrade is not offered: the request was handled as plain HTTP; close after it
             self._must_close = True
         except httptools.HttpParserError as e:
             # llhttp wraps what a callback raised (HeadersTooLarge, BadRequest) as its context
@@ -354,6 +374,9 @@ class HttpProtocol(asyncio.Protocol):
         req = Request(method, target, raw=self._headers, http_version=parser.get_http_version(),
                       scheme=self.scheme, host=host.decode("latin-1") if host else "", peer=self.peer)
         req.raw_connection = self._names
+        if parser.should_upgrade() and b"upgrade" in h and not (b"content-length" in h or b"transfer-encoding" in h):
+            req.websocket = websocket.is_websocket_upgrade(method, h.get(b"upgrade"), h.get(b"sec-websocket-key"),
+                                                           h.get(b"sec-websocket-version"))
         cl = h.get(b"content-length")
         te = h.get(b"transfer-encoding")
         if te is not None:
@@ -411,7 +434,11 @@ class HttpProtocol(asyncio.Protocol):
         flow.upstream = eng.default_target
         self._flow = flow
         self._body = body
-        if body is None or body.complete:
+        if flow.request.websocket:
+            self._must_close = True  # nothing follows a WebSocket on this connection
+            task = self._task = self.loop.create_task(self._ws_cycle(flow))
+            task.add_done_callback(lambda _t: self._end(flow, 499))
+        elif body is None or body.complete:
             self._fast(flow, body)
         else:  # a body still arriving: streamed (or buffered) by the Task
             self._spawn(flow, body, None)
@@ -433,6 +460,7 @@ class HttpProtocol(asyncio.Protocol):
         self._upstream = None
         self._flow = self._body = None
         self._exchange = None
+        self._ws = None
         self._next()
 
     def _next(self) -> None:
@@ -641,6 +669,117 @@ class HttpProtocol(asyncio.Protocol):
             flow.error = flow.error or e
         finally:
             self._end(flow, status)
+
+    async def _ws_cycle(self, flow: Flow) -> None:
+        """A WebSocket upgrade (proxy.websocket): the request hooks, the handshake with the
+        server on a connection of its own, then the bridge until either side closes. Until the
+        101 is out, failures are answered like any request's."""
+        mgr = self._gen.addons
+        status = 0
+        try:
+            try:
+                if mgr.has("requestheaders"):
+                    await mgr.run("requestheaders", flow)
+                if flow.response is None and mgr.has("request"):
+                    await mgr.run("request", flow)
+                if flow.response is None:
+                    status = await self._ws_upstream(flow, mgr)
+                else:  # an addon answered (a refusal, typically)
+                    await self._run_chain(flow, None, mgr, _At(_RESPONSEHEADERS))
+                    status = await self._send(flow, flow.response, None)  # type: ignore[arg-type]
+            except ProxyError as e:
+                if status:
+                    raise
+                status = await self._fail(flow, e, None, mgr)
+        except asyncio.CancelledError:
+            status = status or 499
+        except Exception as e:  # a bug of ours: never leave the client hanging
+            log.error("websocket %s failed unexpectedly", flow.id, exc_info=e)
+            flow.error = flow.error or e
+            if not status and not self.closed:
+                status = await self._fail(flow, InternalError("The request could not be processed."), None, mgr)
+            status = status or 500
+        finally:
+            self._abort_upstream()
+            self._end(flow, status)
+
+    async def _ws_upstream(self, flow: Flow, mgr: "AddonManager") -> int:
+        eng = self.engine
+        req = flow.request
+        target, st = eng.health.pick(flow.upstream or eng.default_target, flow.metadata.get(FALLBACKS),
+                                     time.monotonic())
+        flow.upstream = target
+        key = req.header("Sec-WebSocket-Key") or ""
+        h = req.headers
+        h.popall("Sec-WebSocket-Extensions", None)  # messages are parsed here: no compression through the proxy
+        head = self._request_head(flow, target, [("Connection", "Upgrade"), ("Upgrade", "websocket")])
+        t0 = time.perf_counter()
+        try:
+            leg = await eng.pool._connect(target, websocket.UpstreamLeg)
+        except ProxyError as e:
+            eng.health.failed(st, e, flow.client_addr)
+            raise
+        self._upstream = leg  # type: ignore[assignment]  # (pause/resume/abort, like a pooled connection)
+        leg.write(head)
+        try:
+            await websocket.read_answer(leg, eng.pool.opts.response_timeout)
+        except ProxyError as e:
+            eng.health.failed(st, e, flow.client_addr)
+            raise
+        flow.upstream_ms = (time.perf_counter() - t0) * 1000
+        self._answered(flow, target, st, leg.status)
+        resp = flow.response = websocket.upstream_response(leg)
+        if leg.status == 101:
+            accept = leg.header(b"sec-websocket-accept")
+            if not leg.upgraded or accept is None or accept.strip() != websocket.accept_token(key.encode("latin-1")):
+                raise UpstreamProtocolError("The upstream's WebSocket handshake is not valid.")
+            if leg.header(b"sec-websocket-extensions"):
+                raise UpstreamProtocolError("The upstream negotiated a WebSocket extension it was not offered.")
+        await self._run_chain(flow, None, mgr, _At(_RESPONSEHEADERS))
+        resp = flow.response
+        if resp.status != 101 or leg.status != 101:  # refused by the server (or by an addon)
+            leg.close()
+            self._upstream = None
+            return await self._send(flow, resp, None)
+        proto = resp.headers.get("Sec-WebSocket-Protocol")
+        self.write_raw(websocket.client_101(leg, resp, flow.id, key.encode("latin-1")))
+        limits = self._limits
+        bridge = self._ws = websocket.Bridge(self, leg, flow, mgr, max_message=limits.websocket_max_message,
+                                             idle_timeout=limits.websocket_idle_timeout, subprotocol=proto)
+        flow.websocket = bridge.data
+        leg.bridge = bridge
+        early, self._after_upgrade = self._after_upgrade, bytearray()
+        if early:
+            bridge.client_data(bytes(early))
+        if leg.trailing:
+            bridge.upstream_data(leg.trailing)
+            leg.resume_reading()
+        if leg.lost:
+            bridge.leg_lost(from_client=False)
+        self.resume_reading()
+        eng.metrics.websockets_open += 1
+        try:
+            if mgr.has("websocket_start"):
+                try:
+                    await mgr.run("websocket_start", flow)
+                except ProxyError as e:  # refused, or a security addon failed: close at once
+                    bridge.request_close(websocket.INTERNAL if e.status >= 500 else websocket.POLICY,
+                                         e.detail if e.status < 500 else "The session could not be set up.")
+            await bridge.run()
+        finally:
+            self._upstream = None  # (bridge.run closed it, after a close frame: no abort)
+            eng.metrics.websockets_open -= 1
+            flow.bytes_in, flow.bytes_out = bridge.bytes_from_client, bridge.bytes_from_server
+            eng.metrics.websocket_messages.inc(("client",), bridge.data.messages_from_client)
+            eng.metrics.websocket_messages.inc(("server",), bridge.data.messages_from_server)
+            if mgr.has("websocket_end"):
+                try:
+                    await mgr.run("websocket_end", flow)
+                except Exception:
+                    log.exception("websocket_end hook failed for %s", flow.id)
+            if self.transport is not None:
+                self.transport.close()
+        return 101
 
     def _abort_upstream(self) -> None:
         """Drop the connection of an exchange that cannot finish: self._upstream, set while one
@@ -988,7 +1127,9 @@ class HttpProtocol(asyncio.Protocol):
         return status
 
     def close_if_idle(self) -> None:
-        """Draining: close now if no request is in progress."""
-        if not self._busy and self.transport is not None:
+        """Draining: close now if no request is in progress (a WebSocket session: end it, 1001)."""
+        if self._ws is not None:
+            self._ws.shutdown()
+        elif not self._busy and self.transport is not None:
             self.transport.close()
 

@@ -551,14 +551,19 @@ class UpstreamPool:
             raise
         return conn, False
 
-    async def _connect(self, target: "Target") -> UpstreamConnection:
+    async def _connect(self, target: "Target", factory: Callable[[], Any] | None = None) -> Any:
+        """A new connection to target (TLS with the current client certificate): an
+        UpstreamConnection, or what `factory` makes (a WebSocket leg, not pooled)."""
         loop = asyncio.get_running_loop()
         gen = self.tls.generation
         ssl_ctx = self.tls.ctx if target.tls else None
         server_hostname = (self.opts.server_hostname or target.host) if target.tls else None
+        if factory is None:
+            def factory() -> UpstreamConnection:
+                return UpstreamConnection(self, target, gen)
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: UpstreamConnection(self, target, gen), target.host, target.port,
+                loop.create_connection(factory, target.host, target.port,
                                        ssl=ssl_ctx, server_hostname=server_hostname),
                 self.opts.connect_timeout)
         except asyncio.TimeoutError:

@@ -113,6 +113,32 @@ def upstream_app() -> web.Application:
     async def redirect(r: web.Request) -> web.Response:
         return web.Response(status=307, headers={"Location": "/jmap/session"})
 
+    async def websocket(r: web.Request) -> web.StreamResponse:
+        """JMAP over WebSocket's endpoint, for the bridge: 403 with ?refuse=1; else a first text
+        message with the upgrade request's headers, then each text message echoed as
+        {"echo": text}, binary ones as they came; "close" closes with 4000, "flood:N" sends N
+        messages, "big:N" one text message of N bytes."""
+        if r.query.get("refuse") == "1":
+            return web.json_response({"refused": True}, status=403)
+        ws = web.WebSocketResponse(protocols=("jmap",), compress=False)
+        await ws.prepare(r)
+        await ws.send_json({"headers": list(r.headers.items()), "path": r.path_qs})
+        async for msg in ws:
+            if msg.type == web.WSMsgType.TEXT:
+                if msg.data == "close":
+                    await ws.close(code=4000, message=b"bye")
+                elif msg.data.startswith("flood:"):
+                    for i in range(int(msg.data[6:])):
+                        await ws.send_str(f"m{i}")
+                elif msg.data.startswith("big:"):
+                    await ws.send_str("b" * int(msg.data[4:]))
+                else:
+                    await ws.send_json({"echo": msg.data})
+            elif msg.type == web.WSMsgType.BINARY:
+                await ws.send_bytes(msg.data)
+        seen.append({"websocket_closed": ws.close_code})
+        return ws
+
     app.router.add_route("*", "/download/{n}", download)
     app.router.add_route("POST", "/upload", upload)
     app.router.add_route("*", "/hang", hang)
@@ -121,6 +147,7 @@ def upstream_app() -> web.Application:
     app.router.add_route("*", "/status/{code}", status)
     app.router.add_route("GET", "/redirect", redirect)
     app.router.add_route("GET", "/jmap/eventsource/", events)
+    app.router.add_route("GET", "/jmap/ws", websocket)
     app.router.add_route("*", "/{tail:.*}", echo)
     return app
 
