@@ -319,7 +319,7 @@ class JmapGuard:
         parsed = account_path(flow.request.path, self._jmap_path)
         if parsed is None:
             return None
-        if "websocket" in (flow.request.header("Upgrade") or "").lower():
+        if flow.request.websocket:  # (the engine bridges it: see proxy.websocket)
             if not self._opts.allow_websocket:
                 raise _refused(Forbidden("JMAP over WebSocket is not available through this proxy."), "websocket")
             return self._with_entry(flow, _session_known)  # (its messages are checked against it)

@@ -94,6 +94,7 @@ class StalwartDouble:
     rate_limit: int | None = None  # authenticated requests per user per minute
     api_delay: float = 0.0  # seconds each API request takes (to provoke concurrency)
     requests: list[Recorded] = field(default_factory=list)
+    ws_messages: list[Any] = field(default_factory=list)  # what JMAP-over-WebSocket clients sent
     blobs: dict[tuple[str, str], tuple[str, bytes]] = field(default_factory=dict)
     _in_flight: dict[str, int] = field(default_factory=dict)
     _rate: dict[str, list[float]] = field(default_factory=dict)
@@ -231,6 +232,8 @@ def make_app(double: StalwartDouble) -> web.Application:
             double._rate[user.name] = window
         if path == "/jmap/session" and request.method == "GET":
             return _json(double.session(user))
+        if path == "/jmap/ws" and request.method == "GET":
+            return await _websocket(double, user, request)
         if path in ("/jmap", "/jmap/") and request.method == "POST":
             return await _api(double, user, body)
         parts = path.split("/")  # ["", "jmap", kind, acct, ...]
@@ -243,6 +246,36 @@ def make_app(double: StalwartDouble) -> web.Application:
     app = web.Application(client_max_size=64 << 20)
     app.router.add_route("*", "/{tail:.*}", handle)
     return app
+
+
+async def _websocket(double: StalwartDouble, user: User, request: web.Request) -> web.StreamResponse:
+    """JMAP over WebSocket (RFC 8887): each Request message answered with a Response (or a
+    RequestError) carrying its id as requestId; every message received is recorded."""
+    ws = web.WebSocketResponse(protocols=("jmap",))
+    await ws.prepare(request)
+    async for msg in ws:
+        if msg.type != web.WSMsgType.TEXT:
+            double.ws_messages.append(msg.data)
+            await ws.close(code=1003)
+            break
+        double.ws_messages.append(msg.data)
+        try:
+            doc = orjson.loads(msg.data)
+        except orjson.JSONDecodeError:
+            doc = None
+        if not isinstance(doc, dict) or doc.get("@type") != "Request":
+            await ws.send_bytes(orjson.dumps({"@type": "RequestError", "type": "urn:ietf:params:jmap:error:notRequest",
+                                              "status": 400}))
+            continue
+        rid = doc.pop("id", None)
+        doc.pop("@type")
+        resp = _api_body(double, user, orjson.dumps(doc))
+        answer = orjson.loads(resp.body)  # type: ignore[arg-type]
+        answer["@type"] = "Response" if resp.status == 200 else "RequestError"
+        if rid is not None:
+            answer["requestId"] = rid
+        await ws.send_str(orjson.dumps(answer).decode())
+    return ws
 
 
 async def _api(double: StalwartDouble, user: User, body: bytes) -> web.Response:

@@ -150,3 +150,74 @@ async def test_every_request_upstream_is_signed_for_the_user(proxy, double, idp)
     for got in as_user:
         ident = verify(got.method, got.target, got.headers, got.body, {"edge1": SIGNING_KEY})
         assert ident.user_id == "alice", got.target
+
+
+# ---------------------------------------------------------------------------- JMAP over WebSocket
+@pytest.fixture
+async def ws_proxy(certs, double, idp):
+    """The same chain with JMAP over WebSocket switched on (the guard and the session rewrite)."""
+    _, url = double
+    port = free_port()
+    eng = await start_proxy(certs, url, chain=None, listen=f"127.0.0.1:{port}", **{
+        "stalwart.health_interval": 3600,
+        "addons.auth": {"jwt": {"issuer": ISSUER, "audience": AUDIENCE, "jwks_url": idp.url}},
+        "addons.upstream_identity": {"mode": "impersonate", "impersonator": IMPERSONATOR, "secret": SECRET},
+        "addons.header_signer": {"key_id": "edge1", "keys": {"edge1": base64.b64encode(SIGNING_KEY).decode()}},
+        "addons.jmap_guard": {"allow_websocket": True},
+        "addons.response_filter": {"websocket": True},
+    })
+    yield f"http://127.0.0.1:{eng.port}"
+    await eng.stop(drain_timeout=1)
+
+
+def ws_request(account: str, rid: str) -> dict:
+    return {"@type": "Request", "id": rid, **mailbox_get(account)}
+
+
+async def test_jmap_over_websocket_checks_every_request_message(ws_proxy, double, idp):
+    d, _ = double
+    async with aiohttp.ClientSession(headers=bearer(idp, "alice")) as s:
+        async with s.get(ws_proxy + "/jmap/session") as r:
+            url = (await r.json())["capabilities"]["urn:ietf:params:jmap:websocket"]["url"]
+        assert url == "ws" + ws_proxy[len("http"):] + "/jmap/ws"  # the proxy's, not the server's
+        async with s.ws_connect(url, protocols=("jmap",)) as ws:
+            await ws.send_json(ws_request("a", "r1"))
+            answer = await ws.receive_json(timeout=5)
+            assert answer["@type"] == "Response" and answer["requestId"] == "r1"
+            assert answer["methodResponses"][0][0] == "Mailbox/get"
+            await ws.send_json(ws_request("b", "r2"))  # bob's account: answered by the proxy
+            refused = await ws.receive_json(timeout=5)
+            assert refused["@type"] == "RequestError" and refused["requestId"] == "r2"
+            assert refused["status"] == 403
+            await ws.send_str("not json")
+            refused = await ws.receive_json(timeout=5)
+            assert refused["type"] == "urn:ietf:params:jmap:error:notJSON" and refused["status"] == 400
+            too_many = {"@type": "Request", "id": "r3", "using": mailbox_get("a")["using"],
+                        "methodCalls": [["Core/echo", {}, str(i)] for i in range(17)]}
+            await ws.send_json(too_many)
+            refused = await ws.receive_json(timeout=5)
+            assert refused["limit"] == "maxCallsInRequest" and refused["requestId"] == "r3"
+            await ws.send_json(ws_request("a", "r4"))  # the session goes on
+            assert (await ws.receive_json(timeout=5))["requestId"] == "r4"
+            await ws.send_bytes(b"\x00")
+            msg = await ws.receive(timeout=5)
+            assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1003
+    sent = [m for m in d.ws_messages]
+    assert len(sent) == 2 and all('"a"' in m for m in sent)  # only alice's own two requests got through
+    upgrade = d.seen("/jmap/ws")[-1]  # impersonation and the signed identity on the upgrade
+    assert base64.b64decode(upgrade.headers["Authorization"][6:]).decode() == f"alice%{IMPERSONATOR}:{SECRET}"
+    ident = verify(upgrade.method, upgrade.target, upgrade.headers, upgrade.body, {"edge1": SIGNING_KEY})
+    assert ident.user_id == "alice"
+
+
+async def test_jmap_over_websocket_needs_a_token_and_is_off_by_default(proxy, ws_proxy, double, idp):
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+            await s.ws_connect(ws_proxy + "/jmap/ws")
+        assert e.value.status == 401
+    async with aiohttp.ClientSession(headers=bearer(idp, "alice")) as s:
+        async with s.get(proxy + "/jmap/session") as r:
+            assert "urn:ietf:params:jmap:websocket" not in (await r.json())["capabilities"]
+        with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+            await s.ws_connect(proxy + "/jmap/ws")
+        assert e.value.status == 403
