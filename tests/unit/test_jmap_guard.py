@@ -417,9 +417,10 @@ async def test_upstream_503_is_503() -> None:
 
 async def test_websocket_upgrade_is_refused() -> None:
     async with stack(identity=IMPERSONATE) as s:
+        flow = s.flow("GET", "/jmap/ws", headers={"Upgrade": "websocket", "Connection": "Upgrade"})
+        flow.request.websocket = True  # the engine's verdict: an upgrade it would bridge
         with pytest.raises(Forbidden):
-            await s.mgr.run("requestheaders", s.flow("GET", "/jmap/ws", headers={"Upgrade": "websocket",
-                                                                                "Connection": "Upgrade"}))
+            await s.mgr.run("requestheaders", flow)
         assert s.double.requests == []
 
 
