@@ -29,12 +29,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Hashable
 from urllib.parse import unquote, urljoin, urlsplit
 
-import orjson
-
 from proxy.cache import SingleFlight, TTLCache
 from proxy.errors import (BadGateway, BadRequest, ConfigError, Forbidden, InternalError, NoUpstream,
                           PayloadTooLarge, ProxyError, Unauthorized)
-from proxy.jmap import ACCOUNT_KEYS, JmapRequest, is_api_request, parse_request, request_of
+from proxy.jmap import (ACCOUNT_KEYS, JmapRequest, is_api_request, parse_ws_message, refuse_ws_message,
+                        request_of, ws_message_of)
 from proxy.session import Limits, Session, own_accounts
 
 if TYPE_CHECKING:
@@ -43,7 +42,6 @@ if TYPE_CHECKING:
     from proxy.target import Target
 
 __all__ = ["JmapGuard", "JmapGuardOptions", "SessionCache", "SessionEntry", "check_request", "check_ws_message",
-           "request_error",
            "account_path", "LIMIT_TYPE"]
 
 log = logging.getLogger(__name__)
@@ -87,50 +85,23 @@ def check_request(req: JmapRequest, own: frozenset[str], limits: Limits) -> None
                     "foreign_account")
 
 
-_WS_PASS = frozenset({"WebSocketPushEnable", "WebSocketPushDisable"})
-
-
-def check_ws_message(content: bytes, own: frozenset[str], limits: Limits) -> None:
+def check_ws_message(content: bytes, own: frozenset[str], limits: Limits,
+                     parsed: "tuple[str, str | None, JmapRequest | None] | None" = None) -> None:
     """Raise the refusal for a JMAP-over-WebSocket message from the client (RFC 8887): a
     Request is checked as POST /jmap is (size, calls, accounts); push enable/disable pass;
-    anything else is refused (notJSON, notRequest). Pure."""
+    anything else is refused (notJSON, notRequest). `parsed`: parse_ws_message's answer, if
+    someone already has it. Pure."""
     if len(content) > limits.max_size_request:
         raise _refused(limit_error(PayloadTooLarge, "maxSizeRequest",
                                    f"The request is larger than {limits.max_size_request} bytes."), "too_large")
-    try:
-        doc = orjson.loads(content)
-    except orjson.JSONDecodeError:
-        raise _refused(BadRequest("The message is not valid JSON.",
-                                  extra={"jmapType": "urn:ietf:params:jmap:error:notJSON"}), "websocket_message") from None
-    kind = doc.get("@type") if isinstance(doc, dict) else None
-    if kind in _WS_PASS:
-        return
-    if kind != "Request":
-        raise _refused(BadRequest("The message is not a JMAP Request, WebSocketPushEnable or WebSocketPushDisable.",
-                                  extra={"jmapType": "urn:ietf:params:jmap:error:notRequest"}), "websocket_message")
-    check_request(parse_request(content), own, limits)
-
-
-def request_error(exc: ProxyError, request_id: str | None) -> str:
-    """The RequestError message (RFC 8887 section 4.3.4) that answers a refused message: the
-    problem details of the HTTP answer, with "@type" and the message's "id" as "requestId". Pure."""
-    extra = exc.extra or {}
-    doc: dict[str, Any] = {"@type": "RequestError", "type": extra.get("jmapType", "about:blank"),
-                           "status": exc.status, "title": exc.title, "detail": exc.detail}
-    if "limit" in extra:
-        doc["limit"] = extra["limit"]
-    if request_id is not None:
-        doc["requestId"] = request_id
-    return orjson.dumps(doc).decode()
-
-
-def _message_id(content: bytes) -> str | None:
-    try:
-        doc = orjson.loads(content)
-    except orjson.JSONDecodeError:
-        return None
-    rid = doc.get("id") if isinstance(doc, dict) else None
-    return rid if isinstance(rid, str) else None
+    if parsed is None:
+        try:
+            parsed = parse_ws_message(content)
+        except BadRequest as e:
+            raise _refused(e, "websocket_message") from None
+    req = parsed[2]
+    if req is not None:
+        check_request(req, own, limits)
 
 
 def account_path(path: str, jmap_path: str) -> tuple[str, str | None] | None:
@@ -256,7 +227,7 @@ class JmapGuard:
         """Checks each message from the client of a JMAP WebSocket (see the module's docstring).
         Returns a coroutine only when the session is not cached (any more)."""
         msg = flow.websocket.messages[-1]  # type: ignore[union-attr]
-        if not msg.from_client or flow.identity is None:
+        if not msg.from_client or msg.dropped or flow.identity is None:
             return None
         if not msg.is_text:
             msg.drop()
@@ -266,15 +237,18 @@ class JmapGuard:
         return self._with_entry(flow, self._check_message)
 
     def _check_message(self, flow: "Flow", entry: SessionEntry) -> None:
-        ws = flow.websocket
-        assert ws is not None
-        msg = ws.messages[-1]
+        content = flow.websocket.messages[-1].content  # type: ignore[union-attr]
         try:
-            check_ws_message(msg.content, entry.own, entry.session.limits)
+            parsed = None if len(content) > entry.session.limits.max_size_request else ws_message_of(flow)
+        except BadRequest as e:
+            self._count(_refused(e, "websocket_message"))
+            refuse_ws_message(flow, e)
+            return
+        try:
+            check_ws_message(content, entry.own, entry.session.limits, parsed)
         except ProxyError as e:
             self._count(e)
-            msg.drop()
-            ws.inject(request_error(e, _message_id(msg.content)), to_client=True)
+            refuse_ws_message(flow, e)
 
     def _with_entry(self, flow: "Flow", check: Callable[["Flow", SessionEntry], None]) -> Any:
         """`check(flow, entry)` with the user's session entry: now when it is cached (None), else

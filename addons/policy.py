@@ -143,19 +143,41 @@ class Policy:
             flow.request.want_body(self._opts.max_body)
 
     def request(self, flow: "Flow") -> None:
-        req = flow.request
         names, using = self._jmap_facts(flow)
+        self._decide(flow, flow.request.method, flow.request.path, names, using)
+
+    def websocket_message(self, flow: "Flow") -> None:
+        """JMAP over WebSocket: each Request message from the client is decided as a POST to the
+        API with its method names; a denied one is answered with a RequestError (403) and not
+        forwarded. Messages that are not JMAP are the JMAP guard's to refuse."""
+        msg = flow.websocket.messages[-1]  # type: ignore[union-attr]
+        if not msg.from_client or msg.dropped or not msg.is_text:
+            return
+        try:
+            req = jmap.ws_message_of(flow)[2]
+        except BadRequest:
+            return
+        if req is None:  # push enable/disable
+            return
+        try:
+            self._decide(flow, "POST", self._jmap_path, req.names, req.using)
+        except Forbidden as e:
+            jmap.refuse_ws_message(flow, e)
+
+    def _decide(self, flow: "Flow", method: str, path: str, names: tuple[str, ...] | None,
+                using: tuple[str, ...] | None) -> None:
+        """Evaluate (through the decision cache), count, log; raise Forbidden when enforcing a deny."""
         cache = self._cache
         if cache.policy_set is not self.policy_set:  # reloaded (or replaced): start afresh
             cache = self._cache = DecisionCache(self.policy_set)
         now = self._clock() if cache.windows else None  # the clock matters only to time windows
-        key = cache.key(req.method, req.path, names, using, flow.identity, flow.client_addr, now)
+        key = cache.key(method, path, names, using, flow.identity, flow.client_addr, now)
         hit = cache.get(key) if key is not None else None
         if hit is not None:  # (decision, its metric child): the child's look-up is cached too
             decision, child = hit
         else:
             decision = evaluate(self.policy_set, Facts(
-                method=req.method, path=req.path, now=now or self._clock(), jmap_methods=names,
+                method=method, path=path, now=now or self._clock(), jmap_methods=names,
                 using=using, identity=flow.identity, source_ip=flow.client_addr))
             child = self._child(decision)
             if key is not None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from proxy.errors import ConfigError, ProxyError, TooManyRequests
+from proxy.jmap import refuse_ws_message
 from proxy.ratelimit import Admission, Decision, Limit, MemoryBuckets, Slots, parse_rate
 
 if TYPE_CHECKING:
@@ -198,6 +199,36 @@ class RateLimit:
                 if self._memory.try_take(who, user, self._clock()):
                     self._allowed_user.inc()
                     return self._admit(flow, who)
+        else:
+            who = "ip:" + flow.client_addr
+        return self._charge(flow, who, admit=True)
+
+    def websocket_message(self, flow: "Flow") -> Any:
+        """Each message a WebSocket client sends takes a token from the same buckets as a
+        request; over the limit it is answered with a RequestError (429, `limit`) and not
+        forwarded (JMAP over WebSocket, RFC 8887). No concurrency slot: the session holds none."""
+        msg = flow.websocket.messages[-1]  # type: ignore[union-attr]
+        if not msg.from_client or msg.dropped:
+            return None
+        who = "u:" + flow.identity.subject if flow.identity is not None else "ip:" + flow.client_addr
+        try:
+            waiting = self._charge(flow, who, admit=False)
+        except ProxyError as e:
+            refuse_ws_message(flow, e)
+            return None
+        return None if waiting is None else self._ws_waiting(flow, waiting)
+
+    async def _ws_waiting(self, flow: "Flow", waiting: Any) -> None:
+        try:
+            await waiting
+        except ProxyError as e:
+            refuse_ws_message(flow, e)
+
+    def _charge(self, flow: "Flow", who: str, *, admit: bool) -> Any:
+        """Take from the flow's buckets (raises the 429), then, with `admit`, a concurrency slot.
+        A coroutine when it has to wait (Redis, or the queue)."""
+        ident = flow.identity
+        if ident is not None:
             keys, limits = [], []
             if self._user is not None:
                 keys.append(who)
@@ -206,13 +237,12 @@ class RateLimit:
                 keys.append("t:" + ident.tenant)
                 limits.append(self._tenant)
         else:
-            who = "ip:" + flow.client_addr
             keys, limits = ([who], [self._anon]) if self._anon is not None else ([], [])
         if limits:
             if self._redis is not None:
-                return self._checked_redis(flow, who, keys, limits)
+                return self._checked_redis(flow, who, keys, limits, admit)
             self._judge(flow, self._memory.take(keys, limits, self._clock()), limits)
-        return self._admit(flow, who)
+        return self._admit(flow, who) if admit else None
 
     def responseheaders(self, flow: "Flow") -> None:
         """With `headers` on only (else `load` leaves this instance without the hook)."""
@@ -222,7 +252,8 @@ class RateLimit:
                 flow.response.headers.update(d.headers())
 
     # ------------------------------------------------------------------ buckets
-    async def _checked_redis(self, flow: "Flow", who: str, keys: list[str], limits: list[Limit]) -> None:
+    async def _checked_redis(self, flow: "Flow", who: str, keys: list[str], limits: list[Limit],
+                             admit: bool = True) -> None:
         from proxy.redisstore import StoreUnavailable
         assert self._redis is not None
         try:
@@ -242,7 +273,7 @@ class RateLimit:
                 self._decisions[(lim.name, "failed_open")].inc()
         else:
             self._judge(flow, d, limits)
-        waiting = self._admit(flow, who)
+        waiting = self._admit(flow, who) if admit else None
         if waiting is not None:
             await waiting
 

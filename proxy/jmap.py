@@ -11,13 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .errors import BadRequest
+from .errors import BadRequest, ProxyError
 
 if TYPE_CHECKING:
     from .flow import Flow
 
 __all__ = ["MethodCall", "JmapRequest", "parse_request", "request_of", "is_api_request",
-           "ACCOUNT_KEYS", "METADATA_KEY"]
+           "ACCOUNT_KEYS", "METADATA_KEY", "WS_PUSH_TYPES", "parse_ws_message", "ws_message_of",
+           "ws_request_error", "refuse_ws_message"]
 
 METADATA_KEY = "jmap.request"
 # argument names that name an account (RFC 8620 §5.4 Foo/copy uses fromAccountId)
@@ -157,3 +158,65 @@ def route_class(path: str, jmap_path: str = "/jmap") -> str:
     if path.startswith("/api/v1/mail"):
         return "rest"
     return "other"
+
+
+# ---------------------------------------------------------------------------- JMAP over WebSocket
+# (RFC 8887): the client sends Request, WebSocketPushEnable and WebSocketPushDisable messages
+
+WS_PUSH_TYPES = frozenset({"WebSocketPushEnable", "WebSocketPushDisable"})
+_WS_METADATA_KEY = "jmap.ws_message"
+
+
+def parse_ws_message(content: bytes) -> tuple[str, str | None, JmapRequest | None]:
+    """(@type, id, the parsed request or None) of a client's JMAP-over-WebSocket message. Raises
+    BadRequest (notJSON, notRequest) for anything but a Request or a push enable/disable. Pure."""
+    try:
+        doc = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        raise BadRequest("The message is not valid JSON.",
+                         extra={"jmapType": "urn:ietf:params:jmap:error:notJSON"}) from None
+    kind = doc.get("@type") if isinstance(doc, dict) else None
+    rid = doc.get("id") if isinstance(doc, dict) else None
+    rid = rid if isinstance(rid, str) else None
+    if kind in WS_PUSH_TYPES:
+        return kind, rid, None
+    if kind != "Request":
+        raise _not_request("The message is not a JMAP Request, WebSocketPushEnable or WebSocketPushDisable.")
+    return kind, rid, parse_request(content)
+
+
+def ws_message_of(flow: "Flow") -> tuple[str, str | None, JmapRequest | None]:
+    """parse_ws_message of the message being handled (flow.websocket.messages[-1]), parsed once
+    for the whole chain."""
+    msg = flow.websocket.messages[-1]  # type: ignore[union-attr]
+    cached = flow.metadata.get(_WS_METADATA_KEY)
+    if cached is not None and cached[0] is msg:
+        return cached[1]
+    parsed = parse_ws_message(msg.content)
+    flow.metadata[_WS_METADATA_KEY] = (msg, parsed)
+    return parsed
+
+
+def ws_request_error(exc: ProxyError, request_id: str | None) -> str:
+    """The RequestError message (RFC 8887 section 4.3.4) answering a refused message: the problem
+    details an HTTP client would get, with "@type" and the message's id as "requestId". Pure."""
+    extra = exc.extra or {}
+    doc: dict[str, Any] = {"@type": "RequestError", "type": extra.get("jmapType", "about:blank"),
+                           "status": exc.status, "title": exc.title, "detail": exc.detail}
+    for k, v in extra.items():
+        if k != "jmapType":
+            doc[k] = v
+    if request_id is not None:
+        doc["requestId"] = request_id
+    return orjson.dumps(doc).decode()
+
+
+def refuse_ws_message(flow: "Flow", exc: ProxyError) -> None:
+    """Drop the message being handled and answer it with a RequestError; the session goes on."""
+    msg = flow.websocket.messages[-1]  # type: ignore[union-attr]
+    msg.drop()
+    try:
+        rid = ws_message_of(flow)[1]
+    except BadRequest:
+        rid = None
+    flow.websocket.inject(ws_request_error(exc, rid), to_client=True)  # type: ignore[union-attr]

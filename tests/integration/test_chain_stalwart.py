@@ -5,6 +5,7 @@ the Basic credential and the signed X-SGE-* headers the server receives, a 401 p
 from __future__ import annotations
 
 import base64
+import json
 import os
 
 import aiohttp
@@ -221,3 +222,37 @@ async def test_jmap_over_websocket_needs_a_token_and_is_off_by_default(proxy, ws
         with pytest.raises(aiohttp.WSServerHandshakeError) as e:
             await s.ws_connect(proxy + "/jmap/ws")
         assert e.value.status == 403
+
+
+async def test_websocket_messages_meet_the_policy_and_the_rate_limit(certs, double, idp):
+    """Principal/set is denied by the default policy for POST /jmap: over the WebSocket too. And
+    each message takes a token: the third of a burst of two is answered 429, not forwarded."""
+    d, url = double
+    port = free_port()
+    eng = await start_proxy(certs, url, chain=None, listen=f"127.0.0.1:{port}", **{
+        "stalwart.health_interval": 3600,
+        "addons.auth": {"jwt": {"issuer": ISSUER, "audience": AUDIENCE, "jwks_url": idp.url}},
+        "addons.upstream_identity": {"mode": "impersonate", "impersonator": IMPERSONATOR, "secret": SECRET},
+        "addons.header_signer": {"key_id": "edge1", "keys": {"edge1": base64.b64encode(SIGNING_KEY).decode()}},
+        "addons.jmap_guard": {"allow_websocket": True},
+        # the upgrade takes one token (and the session fetch none): two messages fit, the third not
+        "addons.rate_limit": {"user": {"rate": "3/hour", "burst": 3}},
+    })
+    proxy = f"http://127.0.0.1:{eng.port}"
+    try:
+        async with aiohttp.ClientSession(headers=bearer(idp, "alice")) as s:
+            async with s.ws_connect(proxy + "/jmap/ws") as ws:
+                denied = {"@type": "Request", "id": "p1", "using": [CORE],
+                          "methodCalls": [["Principal/set", {"accountId": "a", "create": {}}, "0"]]}
+                await ws.send_json(denied)
+                refused = await ws.receive_json(timeout=5)
+                assert (refused["@type"], refused["status"], refused["requestId"]) == ("RequestError", 403, "p1")
+                assert "Principal/set" in refused["detail"]
+                await ws.send_json(ws_request("a", "r1"))  # the second token
+                assert (await ws.receive_json(timeout=5))["@type"] == "Response"
+                await ws.send_json(ws_request("a", "r2"))  # none left
+                limited = await ws.receive_json(timeout=5)
+                assert (limited["status"], limited["requestId"], limited["limit"]) == (429, "r2", "user")
+        assert [json.loads(m)["id"] for m in d.ws_messages] == ["r1"]
+    finally:
+        await eng.stop(drain_timeout=1)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from addons.jmap_guard import check_ws_message, request_error
+from addons.jmap_guard import check_ws_message
 from proxy.errors import BadRequest, Forbidden, PayloadTooLarge, ProxyError
+from proxy.jmap import ws_request_error
 from proxy.session import Limits
 from proxy.websocket import accept_token, is_websocket_upgrade
 
@@ -85,4 +86,4 @@ def test_the_guards_verdict_on_a_message(content, refusal, limit_or_type):
       "title": "Payload Too Large", "detail": "big", "limit": "maxSizeRequest", "requestId": "r2"}),
 ])
 def test_request_error_message(exc: ProxyError, rid, expect):
-    assert orjson.loads(request_error(exc, rid)) == expect
+    assert orjson.loads(ws_request_error(exc, rid)) == expect
