@@ -117,7 +117,7 @@ def upstream_app() -> web.Application:
         """JMAP over WebSocket's endpoint, for the bridge: 403 with ?refuse=1; else a first text
         message with the upgrade request's headers, then each text message echoed as
         {"echo": text}, binary ones as they came; "close" closes with 4000, "flood:N" sends N
-        messages, "big:N" one text message of N bytes."""
+        messages, "big:N" one text message of N bytes, "bigs:COUNT:SIZE" COUNT binary ones."""
         if r.query.get("refuse") == "1":
             return web.json_response({"refused": True}, status=403)
         ws = web.WebSocketResponse(protocols=("jmap",), compress=False)
@@ -132,6 +132,10 @@ def upstream_app() -> web.Application:
                         await ws.send_str(f"m{i}")
                 elif msg.data.startswith("big:"):
                     await ws.send_str("b" * int(msg.data[4:]))
+                elif msg.data.startswith("bigs:"):  # bigs:COUNT:SIZE, as fast as the socket takes them
+                    count, size = map(int, msg.data[5:].split(":"))
+                    for i in range(count):
+                        await ws.send_bytes(bytes([i % 256]) * size)
                 else:
                     await ws.send_json({"echo": msg.data})
             elif msg.type == web.WSMsgType.BINARY:

@@ -302,3 +302,118 @@ async def test_other_upgrades_are_still_plain_http_without_upgrade(certs, upstre
             writer.close()
     finally:
         await eng.stop(drain_timeout=1)
+
+
+# ---------------------------------------------------------------------------- frames on the wire
+_UPGRADE = (b"GET /jmap/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+
+def _frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bytes | None = b"\x01\x02\x03\x04") -> bytes:
+    """One client frame (RFC 6455 section 5.2), masked unless mask is None; short payloads only."""
+    assert len(payload) < 126
+    head = bytes([(0x80 if fin else 0) | opcode, (0x80 if mask else 0) | len(payload)])
+    if mask is None:
+        return head + payload
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+async def _raw_session(eng):
+    """A client speaking raw frames: (reader, writer, wsproto client connection for reading)."""
+    from wsproto.connection import Connection, ConnectionType
+    reader, writer = await asyncio.open_connection("127.0.0.1", eng.port)
+    writer.write(_UPGRADE)
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 ")
+    return reader, writer, Connection(ConnectionType.CLIENT)
+
+
+async def _next_events(reader, conn, want: int, timeout: float = 5) -> list:
+    events: list = []
+    async with asyncio.timeout(timeout):
+        while len(events) < want:
+            data = await reader.read(65536)
+            if not data:
+                break
+            conn.receive_data(data)
+            events.extend(conn.events())
+    return events
+
+
+async def test_a_fragmented_message_is_relayed_whole(certs, upstream):
+    from wsproto.events import TextMessage
+    eng = await start_proxy(certs, upstream)
+    try:
+        reader, writer, conn = await _raw_session(eng)
+        await _next_events(reader, conn, 1)  # the server's first message (its view of the headers)
+        writer.write(_frame(0x1, b"frag", fin=False) + _frame(0x0, b"men", fin=False) + _frame(0x0, b"ted"))
+        (ev,) = await _next_events(reader, conn, 1)
+        assert isinstance(ev, TextMessage) and ev.data == '{"echo": "fragmented"}'
+        writer.close()
+    finally:
+        await eng.stop(drain_timeout=1)
+
+
+@pytest.mark.parametrize("frame, code", [
+    (_frame(0x1, b"\xff\xfe invalid utf-8"), 1007),
+    (_frame(0x1, b"unmasked", mask=None), 1002),   # a client's frames must be masked
+    (_frame(0x3, b"reserved opcode"), 1002),
+], ids=["invalid-utf8", "unmasked", "reserved-opcode"])
+async def test_a_protocol_error_from_the_client_closes_both_sides(certs, server_ssl, frame, code):
+    from wsproto.events import CloseConnection
+    from tests.harness import SEEN, start_app, upstream_app
+    app = upstream_app()
+    runner, port = await start_app(app, server_ssl)
+    eng = await start_proxy(certs, f"https://127.0.0.1:{port}")
+    try:
+        reader, writer, conn = await _raw_session(eng)
+        await _next_events(reader, conn, 1)
+        writer.write(frame)
+        events = await _next_events(reader, conn, 1)
+        assert isinstance(events[-1], CloseConnection) and events[-1].code == code
+        for _ in range(150):
+            if any("websocket_closed" in r for r in app[SEEN]):
+                break
+            await asyncio.sleep(0.02)
+        assert {"websocket_closed": code} in app[SEEN]  # the server was told why
+        writer.close()
+    finally:
+        await eng.stop(drain_timeout=1)
+        await runner.cleanup()
+
+
+async def test_a_client_that_does_not_read_holds_back_the_server_not_the_proxys_memory(certs, upstream):
+    """800 binary messages of 64 KiB (50 MiB, more than the kernel's socket buffers absorb)
+    towards a client that reads nothing for a while: what the proxy holds for it (parsed messages
+    waiting plus its write buffer) stays bounded, and every byte arrives once the client reads."""
+    from wsproto.events import BytesMessage
+    eng = await start_proxy(certs, upstream)
+    try:
+        reader, writer, conn = await _raw_session(eng)
+        await _next_events(reader, conn, 1)
+        writer.write(_frame(0x1, b"bigs:800:65536"))
+        proto = next(p for p in eng.connections if p._ws is not None)
+        held = 0
+        for _ in range(50):  # 1 s without reading
+            await asyncio.sleep(0.02)
+            if proto._ws is not None and proto.transport is not None:
+                held = max(held, proto._ws._queued + proto.transport.get_write_buffer_size())
+        assert held < 6 << 20
+        messages: list[bytes] = []
+        current = bytearray()
+        async with asyncio.timeout(20):
+            while len(messages) < 800:
+                data = await reader.read(1 << 20)
+                assert data
+                conn.receive_data(data)
+                for ev in conn.events():
+                    assert isinstance(ev, BytesMessage)
+                    current += ev.data
+                    if ev.message_finished:
+                        messages.append(bytes(current))
+                        current = bytearray()
+        assert [len(m) for m in messages] == [65536] * 800
+        assert [m[0] for m in messages] == [i % 256 for i in range(800)]
+        writer.close()
+    finally:
+        await eng.stop(drain_timeout=1)
