@@ -147,9 +147,11 @@ class LimitOptions:
     max_headers: int = 128
     header_timeout: float = field(default=10.0, metadata={"kind": "duration"})
     keepalive_timeout: float = field(default=75.0, metadata={"kind": "duration"})
-    # WebSocket sessions (proxy.websocket): closed (1001) after this long without a frame either
-    # way; a larger message closes the session (1009). 10 MB: Stalwart's maxSizeRequest.
-    websocket_idle_timeout: float = field(default=600.0, metadata={"kind": "duration"})
+    # push channels: a WebSocket session (proxy.websocket) with no frame either way, or an event
+    # stream (text/event-stream, JMAP's eventSourceUrl) with no byte from the server, for this long
+    # is closed (WebSocket: 1001); other response bodies get stalwart.timeout_seconds. A larger
+    # WebSocket message closes the session (1009). 10 MB: Stalwart's maxSizeRequest.
+    push_idle_timeout: float = field(default=600.0, metadata={"kind": "duration"})
     websocket_max_message: int = field(default=10_000_000, metadata={"kind": "size"})
 
 

@@ -649,9 +649,15 @@ class HttpProtocol(asyncio.Protocol):
                 head_sent = True
                 status = await self._send(flow, resp, up)
             except ProxyError as e:
-                if head_sent:
-                    raise
-                status = await self._fail(flow, e, up, gen.addons)
+                if not head_sent:
+                    status = await self._fail(flow, e, up, gen.addons)
+                else:  # the upstream failed mid-body (_send aborted the client connection): no bug of ours
+                    flow.error = e
+                    status = flow.response.status if flow.response is not None else e.status
+                    log.warning("request %s %s %s: %s after the response head; connection aborted",
+                                flow.id, flow.request.method, flow.request.path, e.code)
+                    self._must_close = True
+                    self._abort_upstream()
         except asyncio.CancelledError:
             status = status or 499  # the client went away
             self._abort_upstream()
@@ -745,7 +751,7 @@ class HttpProtocol(asyncio.Protocol):
         self.write_raw(websocket.client_101(leg, resp, flow.id, key.encode("latin-1")))
         limits = self._limits
         bridge = self._ws = websocket.Bridge(self, leg, flow, mgr, max_message=limits.websocket_max_message,
-                                             idle_timeout=limits.websocket_idle_timeout, subprotocol=proto)
+                                             idle_timeout=limits.push_idle_timeout, subprotocol=proto)
         flow.websocket = bridge.data
         leg.bridge = bridge
         early, self._after_upgrade = self._after_upgrade, bytearray()
@@ -1077,7 +1083,10 @@ class HttpProtocol(asyncio.Protocol):
                 if transport is not None:
                     transport.write(chunk)
 
-        conn.stream_to(sink, self.engine.config.stalwart.timeout_seconds)
+        idle = self.engine.config.stalwart.timeout_seconds
+        if flow.route == "eventsource" or (resp.header("Content-Type") or "").startswith("text/event-stream"):
+            idle = max(idle, self._limits.push_idle_timeout)  # push: silent between events
+        conn.stream_to(sink, idle)
         if self._write_paused:
             conn.pause_reading()
         try:

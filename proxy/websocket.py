@@ -7,7 +7,7 @@ routing, signed identity headers), then goes to the chosen server on a connectio
 passes the `websocket_message` hook before it is forwarded (the JMAP guard checks each JMAP
 request there, as it checks POST /jmap), a message over `limits.websocket_max_message` closes
 the session with 1009, and no extension (compression) is negotiated through the proxy. Pings
-are answered on each leg by the proxy. A session idle past `limits.websocket_idle_timeout`, a
+are answered on each leg by the proxy. A session idle past `limits.push_idle_timeout`, a
 draining proxy and a failing security addon close it (1001, 1001, 1011); a lost leg closes the
 other (1014, "bad gateway", towards the client).
 """

@@ -101,12 +101,24 @@ def upstream_app() -> web.Application:
             "Keep-Alive": "timeout=5", "Proxy-Foo": "1", "Trailer": "X-T", "X-Kept": "yes"})
 
     async def events(r: web.Request) -> web.StreamResponse:
-        """Server-Sent Events: one event every 200 ms, five in all (JMAP's eventSourceUrl)."""
+        """Server-Sent Events: one event every 200 ms (every `gap` ms with ?gap=), five in all
+        (JMAP's eventSourceUrl)."""
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(r)
+        gap = int(r.query.get("gap", "200")) / 1000
         for i in range(5):
             await resp.write(f"event: state\ndata: {i}\n\n".encode())
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(gap)
+        await resp.write_eof()
+        return resp
+
+    async def slowbody(r: web.Request) -> web.StreamResponse:
+        """A plain (not event-stream) body in five chunks, `gap` ms apart."""
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await resp.prepare(r)
+        for i in range(5):
+            await resp.write(b"chunk %d\n" % i)
+            await asyncio.sleep(int(r.query.get("gap", "200")) / 1000)
         await resp.write_eof()
         return resp
 
@@ -152,6 +164,7 @@ def upstream_app() -> web.Application:
     app.router.add_route("GET", "/redirect", redirect)
     app.router.add_route("GET", "/jmap/eventsource/", events)
     app.router.add_route("GET", "/jmap/ws", websocket)
+    app.router.add_route("GET", "/slowbody", slowbody)
     app.router.add_route("*", "/{tail:.*}", echo)
     return app
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import signal
@@ -365,6 +366,38 @@ async def test_server_sent_events_stream_through_unbuffered(proxy, client):
     # sent at ~0, 0.2, 0.4, 0.6, 0.8 s: each must arrive close to its own send time
     for n, at in arrivals:
         assert at < 0.2 * n + 0.15, f"event {n} arrived at {at:.2f}s: buffered"
+
+
+@pytest.mark.parametrize("push_idle, complete", [(2.0, True), (0.4, False)], ids=["within", "past"])
+async def test_an_event_stream_may_be_silent_longer_than_other_bodies(certs, upstream, client, push_idle, complete):
+    """Events 0.8 s apart: past stalwart.timeout_seconds (0.3 s), which bounds the silence of
+    other bodies, but within limits.push_idle_timeout (2 s) the stream goes on; past it (0.4 s)
+    the stream is cut."""
+    eng = await start_proxy(certs, upstream[1], **{"stalwart.timeout_seconds": 0.3,
+                                                   "limits.push_idle_timeout": push_idle})
+    got = []
+    try:
+        with contextlib.suppress(aiohttp.ClientPayloadError):
+            async with client.get(f"http://127.0.0.1:{eng.port}/jmap/eventsource/?gap=800") as r:
+                assert r.status == 200
+                async for line in r.content:
+                    if line.startswith(b"data: "):
+                        got.append(int(line[6:]))
+    finally:
+        await eng.stop(drain_timeout=1)
+    assert got == ([0, 1, 2, 3, 4] if complete else [0])
+
+
+async def test_other_bodies_are_cut_after_stalwart_timeout_seconds_of_silence(certs, upstream, client):
+    """The same 0.8 s gaps in a body that is not an event stream: cut after 0.3 s."""
+    eng = await start_proxy(certs, upstream[1], **{"stalwart.timeout_seconds": 0.3, "limits.push_idle_timeout": 5})
+    try:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with client.get(f"http://127.0.0.1:{eng.port}/slowbody?gap=800") as r:
+                assert r.status == 200
+                await r.read()
+    finally:
+        await eng.stop(drain_timeout=1)
 
 
 class _SetHeaders:

@@ -232,7 +232,7 @@ async def test_a_message_over_the_limit_closes_with_1009(certs, upstream, sessio
 
 
 async def test_an_idle_session_is_closed_1001(certs, upstream, session):
-    eng = await start_proxy(certs, upstream, **{"limits.websocket_idle_timeout": "0.5s"})
+    eng = await start_proxy(certs, upstream, **{"limits.push_idle_timeout": "0.5s"})
     try:
         async with session.ws_connect(_ws_url(eng), autoping=False) as ws:
             await ws.receive_json(timeout=5)
