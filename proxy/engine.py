@@ -403,6 +403,9 @@ class Engine:
         """Once the requests on an old chain are done (bounded by drain_timeout), run its addons'
         `done` and close its pool if nothing uses it any more."""
         deadline = time.monotonic() + self.config.drain_timeout
+        for c in list(self.connections):  # WebSocket sessions would keep the old chain for hours
+            if c._ws is not None and c._gen is old:
+                c._ws.shutdown(1012, "The proxy's configuration changed; reconnect.")
         while old.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if old.in_flight:

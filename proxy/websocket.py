@@ -47,7 +47,7 @@ _MAX_HEAD = 64 << 10
 _MAX_REFUSAL_BODY = 1 << 20  # a non-101 answer to the upgrade is relayed up to this size
 
 # close codes (RFC 6455 section 7.4.1; 1014 from the IANA registry)
-NORMAL, GOING_AWAY, TOO_BIG, INTERNAL, BAD_GATEWAY, POLICY = 1000, 1001, 1009, 1011, 1014, 1008
+NORMAL, GOING_AWAY, TOO_BIG, INTERNAL, RESTART, BAD_GATEWAY, POLICY = 1000, 1001, 1009, 1011, 1012, 1014, 1008
 
 
 def accept_token(key: bytes) -> bytes:
@@ -340,9 +340,10 @@ class Bridge:
         if self._close is None:
             self._close = (code, reason)
 
-    def shutdown(self) -> None:
-        """The proxy is draining: close the session (1001)."""
-        self.request_close(GOING_AWAY, "The proxy is shutting down.")
+    def shutdown(self, code: int = 1001, reason: str = "The proxy is shutting down.") -> None:
+        """End the session from outside the relay: the proxy drains (1001), or the chain it runs
+        on was replaced by a reload (1012, Service Restart: the client reconnects to the new one)."""
+        self.request_close(code, reason)
         self._push(True, _Nudge)
 
     # ------------------------------------------------------------------ the relay

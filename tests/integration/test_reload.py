@@ -181,3 +181,21 @@ async def test_what_needs_a_restart_is_reported_and_the_rest_applies(proxy, capl
     status, body = await reload(client, admin)
     assert body["restart_needed"] == ["listen", "tls.min_version", "workers"] and body["changed"] == body[
         "restart_needed"]
+
+
+async def test_a_reload_ends_websocket_sessions_on_the_old_chain_with_1012(proxy, upstreams):
+    """A WebSocket session runs its messages through the chain it started on: a reload (a new
+    policy, say) ends it with 1012 (Service Restart) so that the client reconnects to the new one."""
+    setup, eng, base, admin, client = proxy
+    async with client.ws_connect(base + "/jmap/ws") as ws:
+        await ws.receive_json(timeout=5)
+        assert ws._response.headers["X-Stamp"] == "one"
+        setup.write(tag="two", url=eng.config.stalwart.url)
+        status, body = await reload(client, admin)
+        assert status == 200, body
+        msg = await ws.receive(timeout=5)
+        assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1012
+    await eventually(lambda: setup.done() == ["one active=0"])
+    async with client.ws_connect(base + "/jmap/ws") as ws:  # the new session: the new chain
+        await ws.receive_json(timeout=5)
+        assert ws._response.headers["X-Stamp"] == "two"
