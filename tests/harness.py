@@ -252,3 +252,11 @@ class RouteTo:
         from proxy.health import FALLBACKS
         flow.upstream = self.primary
         flow.metadata[FALLBACKS] = self.fallbacks
+
+
+async def eventually(check, timeout: float = 5.0) -> None:
+    """Wait until `check()` is true (polling every 20 ms); fail the test after `timeout` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)

@@ -35,16 +35,21 @@ async def idp():
         yield server
 
 
-@pytest.fixture
-async def proxy(certs, double, idp):
-    _, url = double
+async def start_chain(certs, url: str, idp: JwksServer, **extra):
+    """The default chain in impersonate mode, signing, JWTs from `idp`; `extra`: more settings."""
     port = free_port()  # the public URL must be known before the addons load
-    eng = await start_proxy(certs, url, chain=None, listen=f"127.0.0.1:{port}", **{
+    return await start_proxy(certs, url, chain=None, listen=f"127.0.0.1:{port}", **{
         "stalwart.health_interval": 3600,
         "addons.auth": {"jwt": {"issuer": ISSUER, "audience": AUDIENCE, "jwks_url": idp.url}},
         "addons.upstream_identity": {"mode": "impersonate", "impersonator": IMPERSONATOR, "secret": SECRET},
         "addons.header_signer": {"key_id": "edge1", "keys": {"edge1": base64.b64encode(SIGNING_KEY).decode()}},
+        **extra,
     })
+
+
+@pytest.fixture
+async def proxy(certs, double, idp):
+    eng = await start_chain(certs, double[1], idp)
     yield f"http://127.0.0.1:{eng.port}"
     await eng.stop(drain_timeout=1)
 
@@ -157,16 +162,8 @@ async def test_every_request_upstream_is_signed_for_the_user(proxy, double, idp)
 @pytest.fixture
 async def ws_proxy(certs, double, idp):
     """The same chain with JMAP over WebSocket switched on (the guard and the session rewrite)."""
-    _, url = double
-    port = free_port()
-    eng = await start_proxy(certs, url, chain=None, listen=f"127.0.0.1:{port}", **{
-        "stalwart.health_interval": 3600,
-        "addons.auth": {"jwt": {"issuer": ISSUER, "audience": AUDIENCE, "jwks_url": idp.url}},
-        "addons.upstream_identity": {"mode": "impersonate", "impersonator": IMPERSONATOR, "secret": SECRET},
-        "addons.header_signer": {"key_id": "edge1", "keys": {"edge1": base64.b64encode(SIGNING_KEY).decode()}},
-        "addons.jmap_guard": {"allow_websocket": True},
-        "addons.response_filter": {"websocket": True},
-    })
+    eng = await start_chain(certs, double[1], idp, **{"addons.jmap_guard": {"allow_websocket": True},
+                                                     "addons.response_filter": {"websocket": True}})
     yield f"http://127.0.0.1:{eng.port}"
     await eng.stop(drain_timeout=1)
 
@@ -228,12 +225,7 @@ async def test_websocket_messages_meet_the_policy_and_the_rate_limit(certs, doub
     """Principal/set is denied by the default policy for POST /jmap: over the WebSocket too. And
     each message takes a token: the third of a burst of two is answered 429, not forwarded."""
     d, url = double
-    port = free_port()
-    eng = await start_proxy(certs, url, chain=None, listen=f"127.0.0.1:{port}", **{
-        "stalwart.health_interval": 3600,
-        "addons.auth": {"jwt": {"issuer": ISSUER, "audience": AUDIENCE, "jwks_url": idp.url}},
-        "addons.upstream_identity": {"mode": "impersonate", "impersonator": IMPERSONATOR, "secret": SECRET},
-        "addons.header_signer": {"key_id": "edge1", "keys": {"edge1": base64.b64encode(SIGNING_KEY).decode()}},
+    eng = await start_chain(certs, url, idp, **{
         "addons.jmap_guard": {"allow_websocket": True},
         # the upgrade takes one token (and the session fetch none): two messages fit, the third not
         "addons.rate_limit": {"user": {"rate": "3/hour", "burst": 3}},

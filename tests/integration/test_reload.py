@@ -14,7 +14,7 @@ from proxy.admin import AdminServer
 from proxy.config import load_config
 from proxy.engine import Engine
 from proxy.errors import NoUpstream
-from tests.harness import SEEN, start_app, upstream_app
+from tests.harness import SEEN, eventually, start_app, upstream_app
 from tests.loadgen import STAMP
 
 @pytest.fixture
@@ -89,13 +89,6 @@ async def reload_count(client, admin, result: str) -> float:
         if line.startswith(f'sge_proxy_config_reloads_total{{result="{result}"}}'):
             return float(line.split()[-1])
     return 0.0
-
-
-async def eventually(check, timeout: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not check():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_reload_applies_new_options_and_retires_the_old_chain(proxy):

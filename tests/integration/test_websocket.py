@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 
 from proxy.errors import Forbidden
-from tests.harness import start_proxy
+from tests.harness import eventually, start_proxy
 
 
 def _ws_url(eng, query: str = "") -> str:
@@ -62,10 +62,7 @@ async def test_the_101_carries_the_request_id_and_is_counted(certs, upstream, se
                 await ws.send_str(f"n{i}")
                 await ws.receive_json(timeout=5)
             await ws.close()
-        for _ in range(100):
-            if eng.metrics.requests.values.get(("websocket", "GET", "101")):
-                break
-            await asyncio.sleep(0.02)
+        await eventually(lambda: eng.metrics.requests.values.get(("websocket", "GET", "101")))
         assert eng.metrics.requests.values[("websocket", "GET", "101")] == 1
         assert eng.metrics.websocket_messages.values[("client",)] == 3
         assert eng.metrics.websocket_messages.values[("server",)] == 4  # the headers, three echoes
@@ -97,10 +94,7 @@ async def test_a_close_from_the_client_reaches_the_server(certs, server_ssl, ses
             await ws.receive_json(timeout=5)
             await ws.close(code=4100, message=b"done")
             assert ws.close_code == 4100  # the server's answer, relayed
-        for _ in range(100):
-            if any("websocket_closed" in r for r in app[SEEN]):
-                break
-            await asyncio.sleep(0.02)
+        await eventually(lambda: any("websocket_closed" in r for r in app[SEEN]))
         assert {"websocket_closed": 4100} in app[SEEN]
     finally:
         await eng.stop(drain_timeout=1)
@@ -176,10 +170,7 @@ async def test_the_message_hook_drops_rewrites_injects_and_closes(certs, upstrea
             await ws.send_str("bye-now")
             msg = await ws.receive(timeout=5)
             assert (msg.type, msg.data, msg.extra) == (aiohttp.WSMsgType.CLOSE, 4001, "asked")
-        for _ in range(100):
-            if addon.ended:
-                break
-            await asyncio.sleep(0.02)
+        await eventually(lambda: addon.ended)
         assert (addon.started, addon.ended, addon.end_code) == (1, 1, 4001)
     finally:
         await eng.stop(drain_timeout=1)
@@ -271,15 +262,9 @@ async def test_the_client_leaving_closes_the_upstream_leg(certs, server_ssl):
         assert head.startswith(b"HTTP/1.1 101 ")
         assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head  # RFC 6455's own example
         writer.close()  # gone without a close frame
-        for _ in range(150):
-            if any("websocket_closed" in r for r in app[SEEN]):
-                break
-            await asyncio.sleep(0.02)
+        await eventually(lambda: any("websocket_closed" in r for r in app[SEEN]))
         assert {"websocket_closed": 1001} in app[SEEN]
-        for _ in range(100):
-            if eng.in_flight == 0:
-                break
-            await asyncio.sleep(0.02)
+        await eventually(lambda: eng.in_flight == 0)
         assert eng.in_flight == 0
     finally:
         await eng.stop(drain_timeout=1)
@@ -371,10 +356,7 @@ async def test_a_protocol_error_from_the_client_closes_both_sides(certs, server_
         writer.write(frame)
         events = await _next_events(reader, conn, 1)
         assert isinstance(events[-1], CloseConnection) and events[-1].code == code
-        for _ in range(150):
-            if any("websocket_closed" in r for r in app[SEEN]):
-                break
-            await asyncio.sleep(0.02)
+        await eventually(lambda: any("websocket_closed" in r for r in app[SEEN]))
         assert {"websocket_closed": code} in app[SEEN]  # the server was told why
         writer.close()
     finally:
