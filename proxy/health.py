@@ -239,6 +239,10 @@ class UpstreamHealth:
                 self._forget(key)
                 return
             ok = await self.check(p)
+            if not self._running:
+                # stop() cancelled this task, and Python 3.11's wait_for can swallow that
+                # cancellation when the check finished in the same turn: do not loop on
+                return
             if st.checked(ok, self._clock()):
                 (log.info if st.healthy else log.warning)(
                     "%s is %s (health check: %s)", p.target.origin, "healthy" if st.healthy else "unhealthy",

@@ -212,8 +212,9 @@ class UpstreamLeg(asyncio.Protocol):
         self.body.append(body)
 
     def on_message_complete(self) -> None:
-        if self.status != 101:  # (a 101's "message" ends with its head: the upgrade follows)
-            self._settle()
+        # (for a real 101, llhttp then reports the upgrade: it is noted before the awaiting
+        # coroutine runs; a 101 without it is refused by the caller)
+        self._settle()
 
     def _settle(self) -> None:
         if not self.head.done():
@@ -222,6 +223,7 @@ class UpstreamLeg(asyncio.Protocol):
     def _fail(self, err: ProxyError) -> None:
         if not self.head.done():
             self.head.set_exception(err)
+            self.head.exception()  # (retrieved: nobody may be waiting any more, and that is fine)
             if self.transport is not None:
                 self.transport.abort()
 

@@ -399,3 +399,38 @@ async def test_a_client_that_does_not_read_holds_back_the_server_not_the_proxys_
         writer.close()
     finally:
         await eng.stop(drain_timeout=1)
+
+
+_ACCEPT = b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"  # right for _UPGRADE's key
+
+
+@pytest.mark.parametrize("answer, status", [
+    (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+     b"Sec-WebSocket-Accept: d3JvbmcgYWNjZXB0IHRva2VuIQ==\r\n\r\n", 502),                    # wrong token
+    (b"HTTP/1.1 101 Switching Protocols\r\n" + _ACCEPT + b"\r\n", 502),                    # no Upgrade
+    (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" + _ACCEPT
+     + b"Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n", 502),                       # not offered
+    (b"HTTP/1.1 101 Switching Protocols\r\nUpgr", 504),                                        # stuck in the head
+    (b"NOT HTTP AT ALL\r\n\r\n", 502),
+], ids=["wrong-accept", "no-upgrade", "extension", "stuck", "garbage"])
+async def test_a_bad_handshake_from_the_server_is_a_gateway_error(certs, server_ssl, answer, status):
+    async def serve(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await asyncio.sleep(5)
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_ssl)
+    port = server.sockets[0].getsockname()[1]
+    eng = await start_proxy(certs, f"https://127.0.0.1:{port}", **{"stalwart.request_timeout": 0.5,
+                                                                   "stalwart.health_interval": 3600})
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", eng.port)
+        writer.write(_UPGRADE)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 %d " % status)
+        assert b"application/problem+json" in head
+        writer.close()
+    finally:
+        await eng.stop(drain_timeout=1)
+        server.close()
