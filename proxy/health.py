@@ -240,8 +240,8 @@ class UpstreamHealth:
                 return
             ok = await self.check(p)
             if not self._running:
-                # stop() cancelled this task, and Python 3.11's wait_for can swallow that
-                # cancellation when the check finished in the same turn: do not loop on
+                # stopped while checking (a cancellation the check's I/O swallowed, as Python
+                # 3.11's wait_for does when its inner task finishes in the same turn): no loop on
                 return
             if st.checked(ok, self._clock()):
                 (log.info if st.healthy else log.warning)(
@@ -257,8 +257,8 @@ class UpstreamHealth:
         s = self._settings().stalwart
         p.at = time.time()
         try:
-            resp = await asyncio.wait_for(self._fetch(p.target, "GET", s.health_path, cap=_CHECK_CAP),
-                                          s.health_timeout)
+            async with asyncio.timeout(s.health_timeout):  # (not wait_for: see _check_loop)
+                resp = await self._fetch(p.target, "GET", s.health_path, cap=_CHECK_CAP)
         except asyncio.CancelledError:
             raise
         except asyncio.TimeoutError:
