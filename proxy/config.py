@@ -138,6 +138,8 @@ class TLSOptions:
     cert: Path | None = None
     key: Path | None = None
     min_version: Literal["1.2", "1.3"] = "1.2"
+    # offer HTTP/2 by ALPN (proxy.http2; needs the `http2` extra: h2)
+    http2: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)

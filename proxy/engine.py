@@ -197,7 +197,8 @@ class Engine:
             cert = self.config.resolve(self.config.tls.cert or Path("certs-dev/server.crt"))
             key = self.config.resolve(self.config.tls.key or Path("certs-dev/server.key"))
             assert cert is not None and key is not None
-            ssl_ctx = server_context(cert=cert, key=key, min_version=self.config.tls.min_version)
+            ssl_ctx = server_context(cert=cert, key=key, min_version=self.config.tls.min_version,
+                                     http2=self.config.tls.http2)
         scheme = "https" if ssl_ctx else "http"
         loop = asyncio.get_running_loop()
         try:

@@ -215,6 +215,14 @@ class HttpProtocol(asyncio.Protocol):
 
     # ------------------------------------------------------------------ connection
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.scheme == "https":
+            tls = transport.get_extra_info("ssl_object")
+            if tls is not None and tls.selected_alpn_protocol() == "h2":  # (tls.http2 offered it)
+                from .http2 import H2Protocol
+                h2 = H2Protocol(self.engine, self.scheme)
+                transport.set_protocol(h2)
+                h2.connection_made(transport)
+                return
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""

@@ -77,7 +77,7 @@ def client_context(*, cert: Path | None, key: Path | None, ca: Path | None,
     return ctx
 
 
-def server_context(*, cert: Path, key: Path, min_version: str = "1.2") -> ssl.SSLContext:
+def server_context(*, cert: Path, key: Path, min_version: str = "1.2", http2: bool = False) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
         ctx.load_cert_chain(str(cert), str(key))
@@ -86,7 +86,7 @@ def server_context(*, cert: Path, key: Path, min_version: str = "1.2") -> ssl.SS
     except (OSError, ssl.SSLError) as e:
         raise ConfigError("tls.cert", f"cannot load server certificate {cert} with key {key}: {e}") from None
     ctx.minimum_version = _VERSIONS[min_version]
-    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.set_alpn_protocols(["h2", "http/1.1"] if http2 else ["http/1.1"])
     return ctx
 
 
