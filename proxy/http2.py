@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import TYPE_CHECKING, Any
 
 import httptools
@@ -41,6 +42,7 @@ _LOW = 64 << 10
 _WINDOW = 1 << 20  # our receive window per stream (and for the connection)
 _RESETS, _RESET_WINDOW = 200, 10.0  # client stream resets tolerated per window (seconds)
 # connection-specific headers (RFC 9113 section 8.2.2): never sent in HTTP/2
+_UNSAFE = re.compile(rb"[\x00-\x20\x7f]")
 _CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding",
                                   b"upgrade"})
 
@@ -72,6 +74,9 @@ def request_head(headers: list[tuple[bytes, bytes]], *, end_stream: bool) -> tup
         lines.append(name + b": " + value + b"\r\n")
     if not method or not path:
         raise ValueError("an HTTP/2 request without :method or :path")
+    for part in (method, path, authority):  # (h2 checks values for CR, LF and NUL; a request
+        if _UNSAFE.search(part):              # line must not have spaces or controls either)
+            raise ValueError("whitespace or a control character in :method, :path or :authority")
     head = [method, b" ", path, b" HTTP/1.1\r\n"]
     if authority:
         head.append(b"host: " + authority + b"\r\n")

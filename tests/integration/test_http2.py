@@ -188,12 +188,19 @@ def test_request_head_table(headers, end_stream, head, chunked):
     assert request_head(headers, end_stream=end_stream) == (head, chunked)
 
 
-def test_request_head_needs_method_and_path():
+@pytest.mark.parametrize("headers", [
+    [(b":authority", b"m")],                                          # no :method, no :path (CONNECT)
+    [(b":method", b"GET"), (b":path", b"/a b")],                       # a space would split the request line
+    [(b":method", b"GET"), (b":path", b"/a\tb")],
+    [(b":method", b"GET / HTTP/1.1"), (b":path", b"/")],
+    [(b":method", b"GET"), (b":path", b"/"), (b":authority", b"a b")],
+], ids=["no-method-path", "space-in-path", "tab-in-path", "space-in-method", "space-in-authority"])
+def test_request_head_refuses_what_cannot_be_a_request_line(headers):
     with pytest.raises(ValueError):
-        request_head([(b":authority", b"m")], end_stream=True)
+        request_head(headers, end_stream=True)
 
 
-_ = SEEN  # (the upstream app records requests in app[SEEN])
+
 
 
 async def test_a_rapid_reset_flood_ends_the_connection(certs, upstream_app_url):
@@ -228,5 +235,46 @@ async def test_a_rapid_reset_flood_ends_the_connection(certs, upstream_app_url):
         assert terminated is not None and terminated.error_code == ErrorCodes.ENHANCE_YOUR_CALM
         writer.close()
         await eventually(lambda: eng.in_flight == 0)
+    finally:
+        await eng.stop(drain_timeout=1)
+
+
+async def test_a_malformed_request_is_a_stream_error_and_the_connection_goes_on(certs, upstream_app_url):
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+    from h2.errors import ErrorCodes
+    from h2.events import DataReceived, ResponseReceived, StreamEnded, StreamReset
+    app, url = upstream_app_url
+    eng = await _start(certs, url)
+    try:
+        ctx = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+        ctx.set_alpn_protocols(["h2"])
+        reader, writer = await asyncio.open_connection("127.0.0.1", eng.port, ssl=ctx)
+        conn = H2Connection(H2Configuration(client_side=True, validate_outbound_headers=False,
+                                            normalize_outbound_headers=False))
+        conn.initiate_connection()
+        base = [(":method", "GET"), (":scheme", "https"), (":authority", "x")]
+        conn.send_headers(1, base + [(":path", "/jmap/a smuggled")], end_stream=True)  # a space: no request line
+        conn.send_headers(3, base + [(":path", "/jmap/fine")], end_stream=True)
+        writer.write(conn.data_to_send())
+        got: dict = {}
+        async with asyncio.timeout(10):
+            while 3 not in got or not got[3].get("ended"):
+                data = await reader.read(65536)
+                assert data
+                for ev in conn.receive_data(data):
+                    if isinstance(ev, StreamReset):
+                        got.setdefault(ev.stream_id, {})["reset"] = ev.error_code
+                    elif isinstance(ev, ResponseReceived):
+                        got.setdefault(ev.stream_id, {})["status"] = dict(ev.headers)[b":status"]
+                    elif isinstance(ev, DataReceived):
+                        conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+                    elif isinstance(ev, StreamEnded):
+                        got.setdefault(ev.stream_id, {})["ended"] = True
+                writer.write(conn.data_to_send())
+        assert got[1] == {"reset": ErrorCodes.PROTOCOL_ERROR}
+        assert got[3] == {"status": b"200", "ended": True}
+        assert [r["path"] for r in app[SEEN] if r.get("path", "").startswith("/jmap")] == ["/jmap/fine"]
+        writer.close()
     finally:
         await eng.stop(drain_timeout=1)
