@@ -66,3 +66,38 @@ async def test_wrong_password_is_cyrus_401_passed_through(stack, proxy):
         async with s.get(proxy + "/jmap/") as r:
             assert r.status == 401
             assert "upgrade" not in {k.lower() for k in r.headers}
+
+
+async def test_the_same_over_http2(stack):
+    """An HTTP/2 client (TLS, ALPN h2) against Cyrus: session, Mailbox/get, blob round trip."""
+    import ssl
+
+    import httpx
+    certs = stack.certs
+    eng = await start_proxy(certs, stack.url, chain=[], **{
+        "tls.enabled": True, "tls.cert": str(certs / "server.crt"), "tls.key": str(certs / "server.key"),
+        "tls.http2": True})
+    base = f"https://127.0.0.1:{eng.port}"
+    auth = basic("alice@example.com", stack.users["alice@example.com"])
+    try:
+        ctx = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+        async with httpx.AsyncClient(http2=True, verify=ctx, headers={"Authorization": auth}, timeout=20) as c:
+            r = await c.get(base + "/.well-known/jmap", follow_redirects=True)
+            assert r.status_code == 200 and r.http_version == "HTTP/2"
+            session = r.json()
+            account = session["primaryAccounts"][MAIL]
+            body = {"using": [CORE, MAIL], "methodCalls": [["Mailbox/get", {"accountId": account}, "0"]]}
+            r = await c.post(base + session["apiUrl"], json=body)
+            assert r.status_code == 200
+            assert {"inbox", "sent"} <= {m["role"] for m in r.json()["methodResponses"][0][1]["list"]}
+            blob = os.urandom(300_000)
+            r = await c.post(base + session["uploadUrl"].replace("{accountId}", account), content=blob,
+                             headers={"Content-Type": "application/octet-stream"})
+            assert r.status_code == 201, r.text
+            download = (session["downloadUrl"].replace("{accountId}", account)
+                        .replace("{blobId}", r.json()["blobId"]).replace("{name}", "x.bin")
+                        .replace("{type}", "application/octet-stream"))
+            r = await c.get(base + download)
+            assert r.status_code == 200 and r.content == blob
+    finally:
+        await eng.stop(drain_timeout=1)
