@@ -258,8 +258,9 @@ class UpstreamLeg(asyncio.Protocol):
 async def read_answer(leg: UpstreamLeg, timeout: float) -> None:
     """Wait for the server's whole answer to the upgrade request (raises 504 or 502)."""
     try:
-        await asyncio.wait_for(asyncio.shield(leg.head), timeout)
-    except asyncio.TimeoutError:
+        async with asyncio.timeout(timeout):
+            await asyncio.shield(leg.head)
+    except TimeoutError:
         leg.abort()
         raise UpstreamTimeout("The upstream did not answer the WebSocket upgrade in time.") from None
 
@@ -369,8 +370,9 @@ class Bridge:
             self._closing_since = time.monotonic()
         if self.data.close_code is None:  # the proxy (or an addon) ends it
             self.data.close_code, self.data.close_reason = code, reason
-        self._send(True, CloseConnection(code=client_code or code, reason=reason[:100]))
-        self._send(False, CloseConnection(code=code, reason=reason[:100]))
+        reason = _close_reason(reason)
+        self._send(True, CloseConnection(code=client_code or code, reason=reason))
+        self._send(False, CloseConnection(code=code, reason=reason))
 
     def _done(self) -> bool:
         open_ = (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING, ConnectionState.LOCAL_CLOSING)
@@ -488,6 +490,11 @@ class Bridge:
         for content_, to_c in injected:
             self._send(to_c, Message(data=content_))
         await (self.proto.drain() if to_client else self.leg.drain())
+
+
+def _close_reason(reason: str) -> str:
+    """A close frame's reason fits in 123 bytes of UTF-8 (RFC 6455 section 5.5). Pure."""
+    return reason.encode("utf-8")[:123].decode("utf-8", "ignore")
 
 
 class _NudgeType:

@@ -87,3 +87,14 @@ def test_the_guards_verdict_on_a_message(content, refusal, limit_or_type):
 ])
 def test_request_error_message(exc: ProxyError, rid, expect):
     assert orjson.loads(ws_request_error(exc, rid)) == expect
+
+
+@pytest.mark.parametrize("reason, expect", [
+    ("bye", "bye"),
+    ("x" * 200, "x" * 123),
+    ("é" * 100, "é" * 61),  # two bytes each: 61 fit, half of the 62nd is dropped
+])
+def test_close_reasons_fit_a_close_frame(reason, expect):
+    from proxy.websocket import _close_reason
+    assert _close_reason(reason) == expect
+    assert len(_close_reason(reason).encode()) <= 123
