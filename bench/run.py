@@ -61,6 +61,7 @@ class Workload:
     min_bytes: int  # a smaller mean response (headers included) means the proxy answered something else
     script: Path | None = None  # wrk Lua script (method, body, content type)
     upload: bool = False  # not wrk: one client streams UPLOAD_MIB through the proxy to upload_upstream.py
+    tls: bool = False  # not wrk: h2load over TLS, HTTP/1.1 or HTTP/2 by the row (ProxyKind.h2load)
 
 
 WORKLOADS = (
@@ -71,6 +72,8 @@ WORKLOADS = (
              f"/jmap/download/{ACCOUNT_ID}/Gbench1mib/large.bin?accept=application/octet-stream", 16, 1_000_000),
     Workload("upload1g", "POST 1 GiB upload (/jmap/upload/b/), one client", "POST",
              f"/jmap/upload/{ACCOUNT_ID}/", 1, 0, upload=True),
+    Workload("tls2k", "GET 2 KB JSON over a TLS listener (h2load): HTTP/1.1 against HTTP/2", "GET",
+             "/small.json", 64, 2000, tls=True),
 )
 
 UPLOAD_CHUNK = 1 << 20
@@ -86,10 +89,11 @@ class ProxyKind:
     ours: bool = False
     workers: int = 1  # SGE_WORKERS
     all_cores: bool = False  # pinned to every core of the harness's mask (shared with wrk and the upstream)
+    h2load: tuple[str, ...] = ()  # the h2load options of a TLS row
 
     @property
     def config(self) -> str:
-        return "full" if self.name == "full" else "plain"
+        return "full" if self.name == "full" else "plain-tls" if self.h2load else "plain"
 
 
 PROXIES = (
@@ -105,6 +109,11 @@ PROXIES = (
               all_cores=True),
     ProxyKind("plain-w2", "sge-mail-proxy, plain, --workers 2, both cores", ("get2k",), ours=True,
               workers=2, all_cores=True),
+    # downstream HTTP/2 against HTTP/1.1 on the same TLS listener (tls.http2), both by h2load
+    ProxyKind("tls-h1", "sge-mail-proxy, plain, TLS, HTTP/1.1 (64 connections)", ("tls2k",), ours=True,
+              h2load=("--h1", "-c64", "-m1")),
+    ProxyKind("tls-h2", "sge-mail-proxy, plain, TLS, HTTP/2 (8 connections x 8 streams)", ("tls2k",), ours=True,
+              h2load=("-c8", "-m8")),
 )
 
 
@@ -375,15 +384,59 @@ def wrk_argv(cpu: int, port: int, w: Workload, seconds: float, token: str) -> li
     return argv + [f"http://127.0.0.1:{port}{w.path}"]
 
 
+def h2load_argv(cpu: int, port: int, w: Workload, kind: ProxyKind, seconds: float, token: str,
+                log: Path | None = None) -> list[str]:
+    argv = ["taskset", "-c", str(cpu), "h2load", "-t1", *kind.h2load, "-D", str(max(1, round(seconds))),
+            "-H", f"Authorization: Bearer {token}"]
+    if log is not None:
+        argv.append(f"--log-file={log}")
+    return argv + [f"https://127.0.0.1:{port}{w.path}"]
+
+
+def parse_h2load(out: str, log: Path) -> Cell:
+    """h2load's summary (req/s, bytes, failures, status codes) and its per-request log (p50, p99)."""
+    cell = Cell()
+    m = re.search(r"^finished in [\d.]+s, ([\d.]+) req/s", out, re.M)
+    if not m:
+        raise ValueError("no 'finished in' line in h2load output")
+    cell.rps = float(m.group(1))
+    m = re.search(r"^requests: (\d+) total, \d+ started, \d+ done, \d+ succeeded, (\d+) failed, (\d+) errored, "
+                  r"(\d+) timeout", out, re.M)
+    if m:
+        cell.requests = int(m.group(1))
+        cell.socket_errors = int(m.group(2)) + int(m.group(3)) + int(m.group(4))
+    m = re.search(r"^status codes: \d+ 2xx, \d+ 3xx, (\d+) 4xx, (\d+) 5xx", out, re.M)
+    if m:
+        cell.non2xx = int(m.group(1)) + int(m.group(2))
+    m = re.search(r"^traffic: .*?\((\d+)\) total", out, re.M)
+    if m:
+        cell.bytes_read = int(m.group(1))
+    durations = sorted(int(line.split("\t")[2]) for line in log.read_text().splitlines() if line.count("\t") >= 2)
+    if durations:
+        cell.p50_ms = durations[len(durations) // 2] / 1000
+        cell.p99_ms = durations[min(len(durations) - 1, int(len(durations) * 0.99))] / 1000
+    return cell
+
+
 def run_wrk(argv: list[str], seconds: float) -> str:
     r = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30, cwd=ROOT)
     if r.returncode != 0:
-        raise RuntimeError(f"wrk failed rc={r.returncode}: {(r.stderr or r.stdout).strip()[:200]}")
+        raise RuntimeError(f"{argv[3]} failed rc={r.returncode}: {(r.stderr or r.stdout).strip()[:200]}")
     return r.stdout
 
 
 def probe(port: int, w: Workload, token: str) -> tuple[int, bytes]:
     """One request like the workload's, so that a rejecting proxy shows why before wrk hides it."""
+    if w.tls:
+        import ssl
+        ctx = ssl.create_default_context(cafile=str(CERTS / "ca.crt"))
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection("127.0.0.1", port, timeout=10, context=ctx)
+        try:
+            conn.request(w.method, w.path, headers={"Authorization": f"Bearer {token}"})
+            resp = conn.getresponse()
+            return resp.status, resp.read()
+        finally:
+            conn.close()
     body = None
     headers = {"Authorization": f"Bearer {token}"}
     if w.script is not None:
@@ -528,8 +581,10 @@ class Bench:
                 "SGE_ACCESS_LOG": str(cell_dir / "access.log"),
                 "SGE_WORKERS": str(kind.workers),
             })
-            if kind.config == "plain":
+            if kind.config.startswith("plain"):
                 env["SGE_CHAIN"] = ""  # plain forwarding: no addons
+            if kind.h2load:
+                env["SGE_PUBLIC_URL"] = f"https://127.0.0.1:{port}"
             argv = pin + [PY, "-m", "proxy.cli", "run", "--config", str(BENCH / "configs" / f"{kind.config}.yaml")]
         return self.procs.start(argv, log=log, env=env), port, log
 
@@ -603,11 +658,18 @@ class Bench:
                 detail = body[:120].decode(errors="replace").replace("\n", " ").replace("|", "/")
                 return Cell(failed=f"probe answered {status}: {detail}")
             with RssSampler(proc.pid) as rss:
-                run_wrk(wrk_argv(self.load_cpu, port, w, WARMUP, self.token), WARMUP)
-                out = run_wrk(wrk_argv(self.load_cpu, port, w, self.args.duration, self.token), self.args.duration)
+                if w.tls:
+                    run_wrk(h2load_argv(self.load_cpu, port, w, kind, WARMUP, self.token), WARMUP)
+                    latencies = cell_dir / "h2load.tsv"
+                    out = run_wrk(h2load_argv(self.load_cpu, port, w, kind, self.args.duration, self.token,
+                                              latencies), self.args.duration)
+                else:
+                    run_wrk(wrk_argv(self.load_cpu, port, w, WARMUP, self.token), WARMUP)
+                    out = run_wrk(wrk_argv(self.load_cpu, port, w, self.args.duration, self.token),
+                                  self.args.duration)
                 if proc.poll() is not None:
                     return Cell(failed=f"exited rc={proc.returncode} under load: {log_reason(log)}")
-            cell = parse_wrk(out)
+            cell = parse_h2load(out, latencies) if w.tls else parse_wrk(out)
             cell.rss_mib = rss.peak_kib / 1024
             if cell.requests and cell.bytes_read / cell.requests < w.min_bytes:
                 cell.notes.append(f"short responses: {cell.bytes_read // cell.requests} bytes on average")
@@ -620,7 +682,7 @@ class Bench:
             return Cell(failed=str(e)[:160])
         finally:
             self.procs.stop(proc)
-            for big in ("access.log",):
+            for big in ("access.log", "h2load.tsv"):
                 (cell_dir / big).unlink(missing_ok=True)
 
     def run(self, kinds: list[ProxyKind], workloads: list[str]) -> dict[tuple[str, str], list[Cell]]:
@@ -860,10 +922,10 @@ def machine(args: argparse.Namespace, bench: Bench) -> str:
 
 # ---------------------------------------------------------------- prerequisites
 
-def check_prerequisites() -> None:
-    missing = [t for t in ("nginx", "wrk", "taskset") if shutil.which(t) is None]
+def check_prerequisites(tools: tuple[str, ...] = ("nginx", "wrk", "taskset")) -> None:
+    missing = [t for t in tools if shutil.which(t) is None]
     if missing:
-        pkgs = {"nginx": "nginx", "wrk": "wrk", "taskset": "util-linux"}
+        pkgs = {"nginx": "nginx", "wrk": "wrk", "taskset": "util-linux", "h2load": "nghttp2-client"}
         raise SystemExit(
             f"missing tools: {', '.join(missing)}.\n"
             f"Debian/Ubuntu: apt-get install -y --no-install-recommends {' '.join(pkgs[m] for m in missing)}")
@@ -891,10 +953,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=10.0, help="seconds measured per cell (default 10)")
     ap.add_argument("--runs", type=int, default=2, help="interleaved rounds (default 2)")
     ap.add_argument("--only", default=",".join(p.name for p in PROXIES),
-                    help="proxies to run, comma-separated: naive,nginx,plain,full,plain-w1,plain-w2 "
-                         "(ratios need naive)")
+                    help="proxies to run, comma-separated: naive,nginx,plain,full,plain-w1,plain-w2,"
+                         "tls-h1,tls-h2 (ratios need naive)")
     ap.add_argument("--workloads", default=",".join(w.name for w in WORKLOADS),
-                    help="workloads, comma-separated: get2k,jmap,get1m,upload1g")
+                    help="workloads, comma-separated: get2k,jmap,get1m,upload1g,tls2k")
     ap.add_argument("--upload-mib", type=int, default=1024, help="size of the upload1g body in MiB (default 1024)")
     ap.add_argument("--out", type=Path, help="also write the markdown report here")
     ap.add_argument("--keep", action="store_true", help="keep the temp dir (configs, proxy logs) for inspection")
@@ -908,7 +970,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs < 1 or args.duration < 1 or args.upload_mib < 1:
         ap.error("--runs, --duration and --upload-mib must be at least 1")
     kinds = [p for p in PROXIES if p.name in names]
-    check_prerequisites()
+    tls_cells = any(k.h2load and "tls2k" in wnames for k in kinds)
+    check_prerequisites(("nginx", "wrk", "taskset", "h2load") if tls_cells else ("nginx", "wrk", "taskset"))
 
     # SIGTERM unwinds like Ctrl-C so that the finally below stops every process
     signal.signal(signal.SIGTERM, _interrupt)
