@@ -53,7 +53,7 @@ _CONNECTION_SPECIFIC = frozenset({b"connection", b"keep-alive", b"proxy-connecti
 def request_head(headers: list[tuple[bytes, bytes]], *, end_stream: bool) -> tuple[bytes, bool]:
     """The HTTP/1.1 request head for an HTTP/2 request's header list (pseudo-headers first, as h2
     validated them), and whether its body goes chunked (no content-length and more DATA to come).
-    Cookie crumbs are joined (RFC 9113 section 8.2.3); TE and Expect are left out. Pure."""
+    Cookie crumbs are joined (RFC 9113 section 8.2.3); TE is left out. Pure."""
     method = path = authority = b""
     lines: list[bytes] = []
     cookies: list[bytes] = []
@@ -70,7 +70,7 @@ def request_head(headers: list[tuple[bytes, bytes]], *, end_stream: bool) -> tup
         if name == b"cookie":
             cookies.append(value)
             continue
-        if name in (b"te", b"expect", b"host") or name in _CONNECTION_SPECIFIC:
+        if name in (b"te", b"host") or name in _CONNECTION_SPECIFIC:
             continue
         if name == b"content-length":
             has_length = True
@@ -182,13 +182,18 @@ class _Stream:
         pass
 
     # httptools callbacks (the engine's response)
+    def on_message_begin(self) -> None:
+        self._headers = []
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
-        if status < 200:
-            return  # (the engine sends no interim answers here: Expect is not passed on)
+        if status < 200:  # 100 Continue (the engine's answer to Expect): an informational HEADERS
+            if status == 100:
+                self.conn.send_headers(self, [(b":status", b"100")], False)
+            return
         self._send_headers(status, self._headers, end_stream=False)
 
     def on_body(self, body: bytes) -> None:

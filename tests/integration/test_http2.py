@@ -182,7 +182,7 @@ async def test_draining_lets_streams_in_progress_finish(certs, upstream_app_url)
      b"POST /up HTTP/1.1\r\nhost: m\r\ntransfer-encoding: chunked\r\n\r\n", True),
     ([(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"m"), (b":path", b"/"),
       (b"cookie", b"a=1"), (b"te", b"trailers"), (b"cookie", b"b=2"), (b"expect", b"100-continue")], True,
-     b"GET / HTTP/1.1\r\nhost: m\r\ncookie: a=1; b=2\r\n\r\n", False),
+     b"GET / HTTP/1.1\r\nhost: m\r\nexpect: 100-continue\r\ncookie: a=1; b=2\r\n\r\n", False),
 ], ids=["get", "post-with-length", "post-streamed", "cookies-te-expect"])
 def test_request_head_table(headers, end_stream, head, chunked):
     assert request_head(headers, end_stream=end_stream) == (head, chunked)
@@ -275,6 +275,45 @@ async def test_a_malformed_request_is_a_stream_error_and_the_connection_goes_on(
         assert got[1] == {"reset": ErrorCodes.PROTOCOL_ERROR}
         assert got[3] == {"status": b"200", "ended": True}
         assert [r["path"] for r in app[SEEN] if r.get("path", "").startswith("/jmap")] == ["/jmap/fine"]
+        writer.close()
+    finally:
+        await eng.stop(drain_timeout=1)
+
+
+async def test_expect_100_continue_gets_an_informational_100_before_the_body(certs, upstream_app_url):
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+    from h2.events import DataReceived, InformationalResponseReceived, ResponseReceived, StreamEnded
+    _, url = upstream_app_url
+    eng = await _start(certs, url)
+    try:
+        ctx = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+        ctx.set_alpn_protocols(["h2"])
+        reader, writer = await asyncio.open_connection("127.0.0.1", eng.port, ssl=ctx)
+        conn = H2Connection(H2Configuration(client_side=True))
+        conn.initiate_connection()
+        body = b"x" * 100_000
+        conn.send_headers(1, [(":method", "POST"), (":scheme", "https"), (":authority", "x"), (":path", "/upload"),
+                              ("content-length", str(len(body))), ("expect", "100-continue")])
+        writer.write(conn.data_to_send())
+        seen: list = []
+        data = b""
+        async with asyncio.timeout(10):
+            while not any(isinstance(e, StreamEnded) for e in seen):
+                chunk = await reader.read(65536)
+                assert chunk
+                for ev in conn.receive_data(chunk):
+                    seen.append(ev)
+                    if isinstance(ev, InformationalResponseReceived):  # now the body
+                        for i in range(0, len(body), 16384):
+                            conn.send_data(1, body[i:i + 16384], end_stream=i + 16384 >= len(body))
+                    elif isinstance(ev, DataReceived):
+                        data += ev.data
+                        conn.acknowledge_received_data(ev.flow_controlled_length, 1)
+                writer.write(conn.data_to_send())
+        kinds = [type(e).__name__ for e in seen if isinstance(e, (InformationalResponseReceived, ResponseReceived))]
+        assert kinds == ["InformationalResponseReceived", "ResponseReceived"]
+        assert json.loads(data) == {"length": len(body), "sha256": hashlib.sha256(body).hexdigest()}
         writer.close()
     finally:
         await eng.stop(drain_timeout=1)
