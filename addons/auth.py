@@ -336,6 +336,7 @@ class Auth:
         self._api_raw: bytes | None = None  # the API key header's lower-cased name, when raw-readable
 
     async def load(self, loader: "Loader") -> None:
+        self._audit = loader.audit
         opts: AuthOptions = loader.options
         jwt_o, api_o = opts.jwt, opts.api_keys
         self._static = _static_keys(loader, jwt_o)
@@ -497,6 +498,7 @@ class Auth:
 
     def _refuse(self, flow: "Flow", e: AuthFailure) -> None:
         self._failures[e.reason].inc()
+        self._audit("auth.refused", flow, reason=e.reason)
         level = logging.WARNING if e.reason == "jwks_unavailable" else logging.INFO
         log.log(level, "authentication refused: reason=%s request_id=%s (%s)", e.reason, flow.id, e)
         if e.reason == "missing":

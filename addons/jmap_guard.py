@@ -205,7 +205,7 @@ class JmapGuard:
         try:
             return self._check_head(flow)
         except ProxyError as e:
-            self._count(e)
+            self._count(e, flow)
             raise
 
     def request(self, flow: "Flow") -> Any:
@@ -220,7 +220,7 @@ class JmapGuard:
             self._check_api(flow, entry)
             return None
         except ProxyError as e:
-            self._count(e)
+            self._count(e, flow)
             raise
 
     def websocket_message(self, flow: "Flow") -> Any:
@@ -241,13 +241,13 @@ class JmapGuard:
         try:
             parsed = None if len(content) > entry.session.limits.max_size_request else ws_message_of(flow)
         except BadRequest as e:
-            self._count(_refused(e, "websocket_message"))
+            self._count(_refused(e, "websocket_message"), flow)
             refuse_ws_message(flow, e)
             return
         try:
             check_ws_message(content, entry.own, entry.session.limits, parsed)
         except ProxyError as e:
-            self._count(e)
+            self._count(e, flow)
             refuse_ws_message(flow, e)
 
     def _with_entry(self, flow: "Flow", check: Callable[["Flow", SessionEntry], None]) -> Any:
@@ -263,7 +263,7 @@ class JmapGuard:
         try:
             check(flow, await self._entry(flow))
         except ProxyError as e:
-            self._count(e)
+            self._count(e, flow)
             raise
 
     def _check_api(self, flow: "Flow", entry: SessionEntry) -> None:
@@ -336,10 +336,12 @@ class JmapGuard:
                 PayloadTooLarge, "maxSizeRequest",
                 f"The request is larger than {limits.max_size_request} bytes."), "too_large")
 
-    def _count(self, e: ProxyError) -> None:
+    def _count(self, e: ProxyError, flow: "Flow | None" = None) -> None:
         reason = getattr(e, "reason", None)
         if reason is not None:
             self._refusals.labels(reason).inc()
+            if flow is not None and self._loader is not None:
+                self._loader.audit("jmap_guard.refused", flow, reason=reason, status=e.status)
 
     def _target(self, flow: "Flow") -> "Target":
         if flow.upstream is not None:

@@ -102,6 +102,7 @@ class Policy:
         self._cache = DecisionCache(self.policy_set)  # follows policy_set (see request)
 
     def load(self, loader: "Loader") -> None:
+        self._audit = loader.audit
         self._opts = loader.options
         self._paths = [loader.path(p) for p in self._opts.files]
         self._jmap_path = loader.config.stalwart.jmap_path
@@ -224,6 +225,8 @@ class Policy:
                           flow.request.path)
             return
         subject = flow.identity.subject if flow.identity else "-"
+        self._audit("policy.denied" if mode == "enforce" else "policy.would_deny", flow,
+                    rule=d.rule_id or "default-deny", denied_method=d.denied_method, reason=d.reason)
         log.info("policy %s %s: rule=%s subject=%s method=%s route=%s %s reason=%s",
                  "denied" if mode == "enforce" else "would deny (shadow)", flow.id,
                  d.rule_id or "default-deny", subject, d.denied_method or "-",

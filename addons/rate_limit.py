@@ -146,6 +146,7 @@ class RateLimit:
 
     # ------------------------------------------------------------------ lifecycle
     def load(self, loader: "Loader") -> None:
+        self._audit = loader.audit
         opts: RateLimitOptions = loader.options
         self._opts = opts
         self._user = opts.user.limit("user")
@@ -266,6 +267,7 @@ class RateLimit:
             if self._opts.on_redis_error == "closed":
                 for lim in limits:
                     self._decisions[(lim.name, "failed_closed")].inc()
+                self._audit("rate_limit.unavailable", flow, kind=e.kind)
                 retry = str(max(1, math.ceil(self._redis.retry_interval)))
                 raise LimitsUnavailable("Request limits cannot be checked right now.",
                                         headers={"Retry-After": retry}) from None
@@ -285,6 +287,7 @@ class RateLimit:
                 flow.metadata["rate_limit"] = d
             return
         self._decisions[(d.limit, "limited")].inc()
+        self._audit("rate_limit.limited", flow, limit=d.limit)
         headers = {"Retry-After": d.retry_after_header}
         if self._opts.headers:
             headers.update(d.headers())
@@ -306,7 +309,7 @@ class RateLimit:
             flow.on_done(functools.partial(self._release, key))
             return None
         if adm is Admission.REFUSED:
-            self._refuse_concurrency()
+            self._refuse_concurrency(flow)
         return self._queued(flow, key, fut)
 
     async def _queued(self, flow: "Flow", key: str, fut: asyncio.Future) -> None:
@@ -323,7 +326,7 @@ class RateLimit:
             if not granted and not slots.abandon(key, fut) and fut.done() and not fut.cancelled():
                 self._release(key)  # a slot was passed to us as we gave up: pass it on
         if not granted:
-            self._refuse_concurrency()
+            self._refuse_concurrency(flow)
         self._decisions[("concurrency", "queued")].inc()
         flow.on_done(functools.partial(self._release, key))
 
@@ -339,8 +342,9 @@ class RateLimit:
                 w.set_result(None)
                 return
 
-    def _refuse_concurrency(self) -> None:
+    def _refuse_concurrency(self, flow: "Flow") -> None:
         self._decisions[("concurrency", "limited")].inc()
+        self._audit("rate_limit.limited", flow, limit="concurrency")
         raise TooManyRequests("Too many concurrent requests for this user.", headers={"Retry-After": "1"},
                               extra={"limit": "concurrency"})
 

@@ -12,8 +12,9 @@ Answers of its own:
 - 503 `invalid_route`: the configured server URL fails validation (not https, credentials in it,
   host outside stalwart.allowed_hosts, garbage); it is logged and never used.
 - 503 `routing_unavailable`: the secret source cannot be read and nothing is cached.
-- 403 `residency_refused` (residency: strict): the route would leave the user's region; audited
-  on the `sge.audit` logger.
+- 403 `residency_refused` (residency: strict): the route would leave the user's region; on the
+  audit log (proxy.audit) as `routing.residency_refused`; a fallback left out for residency as
+  `routing.fallback_dropped` (once per route, fallback and region until the next reload).
 
 Flows without an identity (public paths, `auth.required: false`) keep the default target,
 stalwart.url.
@@ -46,7 +47,6 @@ if TYPE_CHECKING:
 __all__ = ["Resolver", "ResolverOptions", "load_custom", "FALLBACKS"]
 
 log = logging.getLogger(__name__)
-audit = logging.getLogger("sge.audit")
 
 FALLBACKS = "routing.fallbacks"  # flow.metadata key: the route's fallback Targets, in order
 
@@ -146,6 +146,7 @@ class Resolver:
         return self._custom
 
     async def load(self, loader: "Loader") -> None:
+        self._audit = loader.audit
         opts: ResolverOptions = loader.options or ResolverOptions()
         s = loader.config.stalwart
         mode = opts.mode or s.routing_mode
@@ -254,8 +255,7 @@ class Resolver:
         if isinstance(e, ResidencyRefused):
             self._residency.labels(self._mode, "route").inc()
             self._decisions.labels(self._mode, e.result).inc()
-            audit.warning("residency: refused request=%s user=%s tenant=%s: %s", flow.id, ident.subject,
-                          ident.tenant, e.reason)
+            self._audit("routing.residency_refused", flow, detail=e.reason)
         elif isinstance(e, (NoRoute, InvalidRoute, RoutingUnavailable)):
             self._decisions.labels(self._mode, e.result).inc()
         else:
@@ -272,9 +272,8 @@ class Resolver:
             if len(self._audited) >= self._opts.cache_size:
                 self._audited.clear()
             self._audited.add(key)
-            audit.warning("residency: fallback dropped request=%s user=%s tenant=%s region=%s route=%s "
-                          "fallback=%s fallback_region=%s", flow.id, ident.subject, ident.tenant, home,
-                          s.target.name, s.target.authority, s.region)
+            self._audit("routing.fallback_dropped", flow, region=home, route=s.target.name,
+                        fallback=s.target.authority, fallback_region=s.region)
 
     # ------------------------------------------------------------------ decisions
     async def _read(self, lookup: Lookup) -> Route:

@@ -83,6 +83,13 @@ class Loader:
         """Another addon of the chain by name (look it up when used: the chain may reload)."""
         return self._manager.get(name)
 
+    def audit(self, event: str, flow: "Flow | None" = None, /, **fields: Any) -> None:
+        """A line on the audit log (proxy.audit): `event` names it (`<addon>.<what>`); the flow
+        gives the request's id, client, user, method, path and upstream. Never a credential."""
+        a = self._manager.audit
+        if a is not None:
+            a.event(event, flow, **fields)
+
     @property
     def http(self) -> Any:
         """A shared aiohttp.ClientSession for side I/O that is not upstream (JWKS, ...)."""
@@ -158,6 +165,7 @@ class AddonManager:
         self.metrics = metrics
         self.fetcher: Fetch | None = None
         self.secrets: SecretSource | None = None  # assigned by the engine, like fetcher
+        self.audit: Any = None  # the engine's AuditLog (proxy.audit), like fetcher
         self._items: list[Any | _FileAddon] = []
         self._dispatch: dict[str, list[_Entry]] = {h: [] for h in FLOW_HOOKS}
         self.present: frozenset[str] = frozenset()  # the flow hooks some addon has (has(), without the call)
@@ -293,6 +301,8 @@ class AddonManager:
         if security:
             log.error("security addon %s failed in %s for %s; failing closed", name, hook,
                       flow.id, exc_info=e)
+            if self.audit is not None:
+                self.audit.event("addon.failed_closed", flow, addon=name, hook=hook, error=type(e).__name__)
             raise InternalError("The request could not be processed.") from e
         log.error("addon %s failed in %s for %s; continuing", name, hook, flow.id, exc_info=e)
 

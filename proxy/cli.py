@@ -62,7 +62,7 @@ async def serve(config, addon_files: Sequence[str] = (), *, on_ready=None, loade
 
     engine = Engine(config, addon_files=tuple(addon_files), config_loader=loader)
     if worker is not None:
-        engine.worker = worker[0]
+        engine.worker = engine.audit.worker = worker[0]
     await engine.start()
     admin = AdminServer(engine, unix_path=worker[1] if worker is not None else None)
     await admin.start()

@@ -241,6 +241,7 @@ class Config:
     addon_files: tuple[str, ...] = ()
     addons: dict[str, Any] = field(default_factory=dict)
     access_log: str = "-"
+    audit_log: str = "-"  # security events and routing decisions (proxy.audit)
     log_level: str = "INFO"
     drain_timeout: float = field(default=30.0, metadata={"kind": "duration"})
     workers: int = 1  # processes sharing the listener (proxy/workers.py); 1: no supervisor
@@ -310,6 +311,7 @@ ENV_MAP: dict[str, str] = {
     "SGE_PUBLIC_URL": "public_url",
     "SGE_CHAIN": "chain",
     "SGE_ACCESS_LOG": "access_log",
+    "SGE_AUDIT_LOG": "audit_log",
     "SGE_LOG_LEVEL": "log_level",
     "SGE_WORKERS": "workers",
     "SGE_SECRETS_BACKEND": "secrets.backend",

@@ -19,6 +19,7 @@ from .rotation import CertificateRotator, FileCertSource, PkiCertSource, SecretC
 from .secrets import CachedSource, FileSecretSource
 from .health import UpstreamHealth
 from .server import HttpProtocol
+from .audit import AuditLog
 from .tls import ClientTLS, server_context
 from .upstream import UpstreamPool
 
@@ -135,6 +136,11 @@ class Engine:
         self._reloads = self.metrics.counter("sge_proxy_config_reloads_total",
                                              "Configuration reloads (SIGHUP, POST /reload) by result.", ("result",))
         self.access_log = AccessLog(config.access_log)
+        self.audit = AuditLog(config.audit_log)
+        self.addons.audit = self.audit
+        self.health.audit = self.audit
+        if self.rotator is not None:
+            self.rotator.audit = self.audit
         self.connections: set[HttpProtocol] = set()
         self.in_flight = 0
         self.draining = False
@@ -225,6 +231,7 @@ class Engine:
             raise
         await server.start_serving()
         self.access_log.start()
+        self.audit.start()
         self.addons.watch_files(self.config.addon_reload_interval)
         self.health.start(self.default_target)
         self._sweep_task = loop.create_task(self._sweep(), name="connection-sweeper")
@@ -328,6 +335,11 @@ class Engine:
                 result = ReloadResult.refused(500, f"{type(e).__name__}: {e}")
         self._reloads.labels("ok" if result.ok else "failed").inc()
         if result.ok:
+            self.audit.event("config.reloaded", generation=result.generation, changed=list(result.changed),
+                             restart_needed=list(result.restart_needed) or None)
+        else:
+            self.audit.event("config.reload_refused", status=result.status, detail=result.error)
+        if result.ok:
             log.info("configuration reloaded (generation %d): changed [%s]", result.generation,
                      ", ".join(result.changed))
             if result.restart_needed:
@@ -363,6 +375,7 @@ class Engine:
             pool = UpstreamPool(tls, s, self.metrics)
         mgr = AddonManager(config, self.metrics)
         mgr.secrets = self.secrets
+        mgr.audit = self.audit
         mgr.fetcher = pool.fetch
         try:
             await self.load_addons(mgr)
@@ -386,6 +399,8 @@ class Engine:
         self.health.set_default(self.default_target)
         old_rotator = self.rotator
         self.tls, self.rotator = tls, rotator
+        if rotator is not None:
+            rotator.audit = self.audit
         # end of the swap
         logging.getLogger().setLevel(getattr(logging, config.log_level.upper(), logging.INFO))
         mgr.watch_files(config.addon_reload_interval)
@@ -453,6 +468,7 @@ class Engine:
         await self.stop_secrets()
         await self.pool.close()
         await self.access_log.close()
+        await self.audit.close()
         for s in self.servers:
             try:
                 await asyncio.wait_for(s.wait_closed(), 1.0)

@@ -73,6 +73,7 @@ class UpstreamHealth:
         self._fetch = fetch
         self._settings = settings
         self._clock = clock
+        self.audit: Any = None  # the engine's AuditLog (proxy.audit)
         self._states: dict[tuple, ServerState] = {}
         self._probes: dict[tuple, _Probe] = {}
         self._default: "Target | None" = None
@@ -185,6 +186,8 @@ class UpstreamHealth:
 
         def on_transition(old: Circuit, new: Circuit) -> None:
             self.transitions.labels(label, old.label, new.label).inc()
+            if self.audit is not None:
+                self.audit.event("upstream.circuit", upstream=label, state=new.label, previous=old.label)
             (log.warning if new is Circuit.OPEN else log.info)("circuit of %s: %s -> %s", label, old.label,
                                                                  new.label)
 
@@ -244,6 +247,9 @@ class UpstreamHealth:
                 # 3.11's wait_for does when its inner task finishes in the same turn): no loop on
                 return
             if st.checked(ok, self._clock()):
+                if self.audit is not None:
+                    self.audit.event("upstream.health", upstream=p.target.origin, healthy=st.healthy,
+                                     check=p.status if p.error is None else p.error)
                 (log.info if st.healthy else log.warning)(
                     "%s is %s (health check: %s)", p.target.origin, "healthy" if st.healthy else "unhealthy",
                     p.status if p.error is None else p.error)

@@ -21,7 +21,8 @@ __all__ = ["Generation", "ReloadPlan", "ReloadResult", "RESTART_KEYS", "UPSTREAM
            "changed_keys", "plan_reload", "keep_running"]
 
 # what is bound or built once per process: a change is reported and the running value kept
-RESTART_KEYS = frozenset({"listen", "admin_listen", "workers", "tls", "secrets", "certificates", "access_log"})
+RESTART_KEYS = frozenset({"listen", "admin_listen", "workers", "tls", "secrets", "certificates", "access_log",
+                          "audit_log"})
 # what the upstream client context is built from: applied (new ClientTLS and pool) when the
 # certificate comes from files, else built by the rotator from Vault and left to a restart
 UPSTREAM_TLS_KEYS = frozenset({"stalwart.client_cert", "stalwart.client_key", "stalwart.ca_cert",

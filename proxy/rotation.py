@@ -253,6 +253,7 @@ class CertificateRotator:
                  interval: float = 30.0, metrics: "Metrics | None" = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.tls, self.source = tls, source
+        self.audit: Any = None  # the engine's AuditLog (proxy.audit)
         self.anchor_file = anchor_file
         self._pinned: bytes | None = None
         self.server_ca = server_ca
@@ -341,6 +342,9 @@ class CertificateRotator:
                 self._failed.set(0)
             if self._expiry is not None:
                 self._expiry.set(info.not_after)
+            if self.audit is not None:
+                self.audit.event("tls.client_certificate", source=material.origin or self.source.name,
+                                 subject=info.subject, not_after=info.not_after, generation=self.tls.generation)
             log.info("client certificate rotated from %s: %s, valid until %s (generation %d)",
                      material.origin or self.source.name, info.subject,
                      time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(info.not_after)), self.tls.generation)

@@ -531,6 +531,8 @@ class HttpProtocol(asyncio.Protocol):
         picked = eng.health.pick(primary, flow.metadata.get(FALLBACKS), time.monotonic())
         target = picked[0]
         flow.upstream = target
+        if target is not primary:
+            eng.audit.event("routing.failover", flow, primary=primary.origin, reason="unhealthy_or_open")
         conn = eng.pool.take_idle(target)
         if conn is None:
             return self._spawn(flow, body, _At(_FORWARD, picked=picked))
@@ -772,6 +774,7 @@ class HttpProtocol(asyncio.Protocol):
             bridge.leg_lost(from_client=False)
         self.resume_reading()
         eng.metrics.websockets_open += 1
+        eng.audit.event("websocket.opened", flow, subprotocol=proto)
         try:
             if mgr.has("websocket_start"):
                 try:
@@ -786,6 +789,10 @@ class HttpProtocol(asyncio.Protocol):
             flow.bytes_in, flow.bytes_out = bridge.bytes_from_client, bridge.bytes_from_server
             eng.metrics.websocket_messages.inc(("client",), bridge.data.messages_from_client)
             eng.metrics.websocket_messages.inc(("server",), bridge.data.messages_from_server)
+            eng.audit.event("websocket.closed", flow, close_code=bridge.data.close_code,
+                            closed_by_client=bridge.data.closed_by_client,
+                            messages_from_client=bridge.data.messages_from_client,
+                            messages_from_server=bridge.data.messages_from_server)
             if mgr.has("websocket_end"):
                 try:
                     await mgr.run("websocket_end", flow)
@@ -878,6 +885,8 @@ class HttpProtocol(asyncio.Protocol):
         now = time.monotonic()
         target, st = picked or health.pick(primary, flow.metadata.get(FALLBACKS), now)
         flow.upstream = target
+        if picked is None and target is not primary:
+            eng.audit.event("routing.failover", flow, primary=primary.origin, reason="unhealthy_or_open")
         stream: AsyncIterator[bytes] | None = None
         data: bytes | None = req.body
         if data is None and body is not None:
@@ -932,6 +941,8 @@ class HttpProtocol(asyncio.Protocol):
             else:
                 target, st = found
                 tried.append(target.key)
+                flow.upstream = target
+                eng.audit.event("routing.failover", flow, primary=primary.origin, reason=err.code)
             flow.upstream = target
             head = self._request_head(flow, target, framing)
             try:

@@ -248,3 +248,55 @@ async def test_websocket_messages_meet_the_policy_and_the_rate_limit(certs, doub
         assert [json.loads(m)["id"] for m in d.ws_messages] == ["r1"]
     finally:
         await eng.stop(drain_timeout=1)
+
+
+async def test_security_events_reach_the_audit_log_without_credentials(certs, double, idp, tmp_path):
+    """docs: proxy/audit.py. Each refusal of the chain is one line with the request id, the user
+    and what refused it; the tokens that were refused appear nowhere."""
+    _, url = double
+    audit = tmp_path / "audit.log"
+    eng = await start_chain(certs, url, idp, audit_log=str(audit), **{
+        "addons.jmap_guard": {"allow_websocket": True},
+        "addons.rate_limit": {"user": {"rate": "6/hour", "burst": 6}}})
+    proxy = f"http://127.0.0.1:{eng.port}"
+    forged = "Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJtYWxsb3J5In0.c2lnbmF0dXJlLW5vdC12YWxpZA"
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.post(proxy + "/jmap/", json=mailbox_get("a")) as r:
+                assert r.status == 401
+            async with s.post(proxy + "/jmap/", json=mailbox_get("a"), headers={"Authorization": forged}) as r:
+                assert r.status == 401
+        async with aiohttp.ClientSession(headers=bearer(idp, "alice")) as s:
+            denied = {"using": [CORE], "methodCalls": [["Principal/set", {"accountId": "a", "create": {}}, "0"]]}
+            async with s.post(proxy + "/jmap/", json=denied) as r:
+                assert r.status == 403
+                denied_id = r.headers["X-Request-ID"]
+            async with s.post(proxy + "/jmap/", json=mailbox_get("b")) as r:
+                assert r.status == 403
+                guard_id = r.headers["X-Request-ID"]
+            async with s.ws_connect(proxy + "/jmap/ws") as ws:
+                await ws.send_json(ws_request("a", "w1"))
+                assert (await ws.receive_json(timeout=5))["@type"] == "Response"
+            statuses = []
+            for _ in range(4):
+                async with s.post(proxy + "/jmap/", json=mailbox_get("a")) as r:
+                    statuses.append(r.status)
+            assert statuses[-1] == 429
+    finally:
+        await eng.stop(drain_timeout=1)
+    text = audit.read_text()
+    assert forged.split()[1] not in text and "Bearer" not in text
+    events = [json.loads(line) for line in text.splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds.count("auth.refused") == 2
+    assert {e["reason"] for e in events if e["event"] == "auth.refused"} >= {"missing"}
+    policy = next(e for e in events if e["event"] == "policy.denied")
+    assert (policy["request_id"], policy["user"], policy["denied_method"]) == (denied_id, "alice", "Principal/set")
+    assert policy["rule"] and policy["upstream"] == url and policy["path"] == "/jmap/"
+    guard = next(e for e in events if e["event"] == "jmap_guard.refused")
+    assert (guard["request_id"], guard["reason"], guard["status"]) == (guard_id, "foreign_account", 403)
+    opened = next(e for e in events if e["event"] == "websocket.opened")
+    closed = next(e for e in events if e["event"] == "websocket.closed")
+    assert opened["request_id"] == closed["request_id"] and closed["messages_from_client"] == 1
+    limited = next(e for e in events if e["event"] == "rate_limit.limited")
+    assert (limited["limit"], limited["user"]) == ("user", "alice")

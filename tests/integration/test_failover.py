@@ -4,6 +4,7 @@ clients come from distinct loopback addresses (127.0.0.2-5) so the proxy sees di
 from __future__ import annotations
 
 import asyncio
+import json
 import collections
 import socket
 import time
@@ -117,9 +118,10 @@ def sample(eng, name: str, **labels: str) -> float | None:
 
 
 # ---------------------------------------------------------------------------- failover and retries
-async def test_dead_primary_fails_over_to_the_fallback_and_is_ejected(certs, servers, proxies, clients):
+async def test_dead_primary_fails_over_to_the_fallback_and_is_ejected(certs, servers, proxies, clients, tmp_path):
     dead = dead_url()
-    eng, base = await proxies(certs, servers["a"][1], RouteTo(dead, servers["b"][1]))
+    audit = tmp_path / "audit.log"
+    eng, base = await proxies(certs, servers["a"][1], RouteTo(dead, servers["b"][1]), audit_log=str(audit))
     results = [await call(clients[0], base + "/jmap/") for _ in range(8)]
     assert [s for s, _ in results] == [200] * 8  # POSTs: never sent to the dead server, so retried
     assert {b["server"] for _, b in results} == {"b"}
@@ -130,6 +132,16 @@ async def test_dead_primary_fails_over_to_the_fallback_and_is_ejected(certs, ser
                   reason="upstream_connect_failed") == 4
     assert sample(eng, "sge_proxy_circuit_state", upstream=parse_target(dead).origin) == 2.0
     assert sample(eng, "sge_proxy_upstream_ejections_total", upstream=parse_target(dead).origin) == 1
+    # the audit log tells which requests went elsewhere, and why
+    eng.audit._out.flush()
+    events = [json.loads(line) for line in audit.read_text().splitlines()]
+    failovers = [e for e in events if e["event"] == "routing.failover"]
+    assert len(failovers) == 8
+    assert {(e["primary"], e["upstream"]) for e in failovers} == {(dead, servers["b"][1])}
+    assert [e["reason"] for e in failovers[:4]] == ["upstream_connect_failed"] * 4  # tried, never reached
+    assert {e["reason"] for e in failovers[4:]} == {"unhealthy_or_open"}  # ejected: not even tried
+    assert {"event": "upstream.circuit", "upstream": parse_target(dead).origin, "state": "open"}.items() <= \
+        next(e for e in events if e["event"] == "upstream.circuit").items()
 
 
 async def test_dead_server_without_fallback_is_retried_then_refused_fast(certs, proxies, clients):

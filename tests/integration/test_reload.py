@@ -3,6 +3,7 @@ upstreams: the new chain for new requests, the old one finishing its requests, r
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from pathlib import Path
 
@@ -41,6 +42,7 @@ class Setup:
 
     def write(self, *, tag: str, url: str, **extra) -> None:
         doc = {"listen": "127.0.0.1:0", "admin_listen": "127.0.0.1:0", "access_log": "off",
+               "audit_log": str(self.dir / "audit.log"),
                "addon_reload_interval": "100ms", "chain": [str(self.addon_file)],
                "stalwart": {"url": url, "request_timeout": 5},
                "addons": {"stamp": {"tag": tag, "done_log": str(self.done_log)}}}
@@ -55,6 +57,11 @@ class Setup:
 
     def done(self) -> list[str]:
         return self.done_log.read_text().splitlines() if self.done_log.exists() else []
+
+    def audit(self, eng) -> list[dict]:
+        eng.audit._out.flush()
+        path = self.dir / "audit.log"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 @pytest.fixture
@@ -101,6 +108,8 @@ async def test_reload_applies_new_options_and_retires_the_old_chain(proxy):
     assert await stamp(client, base) == "two"
     await eventually(lambda: setup.done() == ["one active=0"])
     assert await reload_count(client, admin, "ok") == 1
+    (event,) = [e for e in setup.audit(eng) if e["event"].startswith("config.")]
+    assert (event["event"], event["generation"], event["changed"]) == ("config.reloaded", 1, ["addons.stamp"])
     # the file addon watcher runs on the new chain: an edit of the file is picked up
     setup.addon_file.write_text(STAMP.replace('suffix = ""', 'suffix = "+"'))
     for _ in range(250):
@@ -155,6 +164,8 @@ async def test_bad_configuration_is_refused_and_traffic_is_unaffected(proxy, cha
     assert await stamp(client, base) == "one"
     assert await reload_count(client, admin, "failed") == 1
     assert setup.done() == []  # nothing half-built was left behind: the refused chain was never in use
+    (event,) = [e for e in setup.audit(eng) if e["event"].startswith("config.")]
+    assert event["event"] == "config.reload_refused" and event["status"] == status and message in event["detail"]
 
 
 async def test_what_needs_a_restart_is_reported_and_the_rest_applies(proxy, caplog):

@@ -4,6 +4,8 @@ from a file, and the stand-in Stalwart behind the JMAP guard (which must see the
 Identities come from the real auth addon's API keys."""
 from __future__ import annotations
 
+import json
+
 import logging
 from pathlib import Path
 
@@ -257,20 +259,23 @@ async def test_region_routing(make_proxy, upstreams, secrets_file, strict):
                                     {"mode": "region", "result": "residency"}) == 2
 
 
-async def test_residency_audit_lines_and_dropped_fallbacks(certs, secrets_file, upstreams, caplog):
+async def test_residency_audit_lines_and_dropped_fallbacks(certs, secrets_file, upstreams, tmp_path):
     """Through a real AddonManager: the route's fallbacks as flow metadata, strict or not."""
+    from proxy.audit import AuditLog
     write(secrets_file, regions(upstreams))
+    audit_file = tmp_path / "audit.log"
+    audit_log = AuditLog(str(audit_file))
     results = {}
     for residency in ("off", "strict"):
         config = load_config(None, env={}, overrides={
             "stalwart.url": upstreams["a"][1], "stalwart.allowed_hosts": ["127.0.0.1"],
             "addons.resolver": {"mode": "region", "residency": residency, "tenant_regions": {"acme": "eu-west-1"}}})
         mgr = AddonManager(config, Metrics())
+        mgr.audit = audit_log
         await mgr.add(Resolver(FileSecretSource(file=secrets_file)))
         flow = Flow(Request("POST", "/jmap/", CIMultiDict()), id=f"r-{residency}")
         flow.identity = Identity(subject="eve", region="eu-west-1")
-        with caplog.at_level(logging.INFO, logger="sge.audit"):
-            await mgr.run("requestheaders", flow)
+        await mgr.run("requestheaders", flow)
         results[residency] = flow
         assert str(flow.upstream) == upstreams["b"][1] and flow.upstream.name == "region:eu-west-1"
     assert [str(t) for t in results["off"].metadata[FALLBACKS]] == [upstreams["c"][1]]
@@ -283,18 +288,23 @@ async def test_residency_audit_lines_and_dropped_fallbacks(certs, secrets_file, 
     cached.identity = Identity(subject="eve", region="eu-west-1")
     assert mgr.get("resolver").requestheaders(cached) is None  # a cached decision: no waiting
     assert cached.upstream == again.upstream and cached.metadata[FALLBACKS] == ()
-    audit = [r for r in caplog.records if r.name == "sge.audit"]
-    assert len(audit) == 1 and "r-strict" in audit[0].getMessage() and "eu-central-1" in audit[0].getMessage()
+    audit_log.flush()
+    audit = [json.loads(line) for line in audit_file.read_text().splitlines()]
+    assert len(audit) == 1  # once per route, fallback and region, not per request
+    assert audit[0]["event"] == "routing.fallback_dropped" and audit[0]["request_id"] == "r-strict"
+    assert audit[0]["fallback_region"] == "eu-central-1" and audit[0]["region"] == "eu-west-1"
     assert mgr.metrics.registry.get_sample_value("sge_proxy_routing_residency_refused_total",
                                                  {"mode": "region", "what": "fallback"}) == 3  # per request
 
     flow = Flow(Request("POST", "/jmap/", CIMultiDict()), id="r-ada")
     flow.identity = Identity(subject="ada", tenant="acme", roles=frozenset({"tenant:acme"}), region="us-east-1")
-    with caplog.at_level(logging.INFO, logger="sge.audit"), pytest.raises(ProxyError) as e:
+    with pytest.raises(ProxyError) as e:
         await mgr.run("requestheaders", flow)
     assert e.value.status == 403
-    line = [r for r in caplog.records if r.name == "sge.audit"][-1].getMessage()
-    assert "r-ada" in line and "ada" in line and "acme" in line
+    audit_log.flush()
+    line = json.loads(audit_file.read_text().splitlines()[-1])
+    assert (line["event"], line["request_id"], line["user"], line["tenant"]) == (
+        "routing.residency_refused", "r-ada", "ada", "acme")
 
 
 async def test_configuration_errors(certs, tmp_path):

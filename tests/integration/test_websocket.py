@@ -434,3 +434,23 @@ async def test_a_bad_handshake_from_the_server_is_a_gateway_error(certs, server_
     finally:
         await eng.stop(drain_timeout=1)
         server.close()
+
+
+async def test_sessions_and_a_failing_security_addon_are_audited(certs, upstream, session, tmp_path):
+    import json
+    audit = tmp_path / "audit.log"
+    eng = await start_proxy(certs, upstream, addon_objects=[_Broken()], audit_log=str(audit))
+    try:
+        async with session.ws_connect(_ws_url(eng)) as ws:
+            await ws.receive_json(timeout=5)
+            await ws.send_str("anything")
+            msg = await ws.receive(timeout=5)
+            assert msg.type == aiohttp.WSMsgType.CLOSE and msg.data == 1011
+    finally:
+        await eng.stop(drain_timeout=1)
+    events = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [e["event"] for e in events if e["event"] != "upstream.health"] == [
+        "websocket.opened", "addon.failed_closed", "websocket.closed"]
+    failed = events[[e["event"] for e in events].index("addon.failed_closed")]
+    assert (failed["addon"], failed["hook"], failed["error"]) == ("broken_guard", "websocket_message", "RuntimeError")
+    assert events[-1]["close_code"] == 1011 and events[-1]["messages_from_client"] == 1
