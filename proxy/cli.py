@@ -7,7 +7,6 @@ import logging
 import os
 import signal
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import ConfigError

@@ -3,7 +3,7 @@ documentation; the manager dispatches by `name`. Every hook may be sync or async
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
     from .addonmanager import Loader

@@ -4,7 +4,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from typing import Any, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
 __all__ = ["Metrics", "LATENCY_BUCKETS", "HotCounter", "HotHistogram", "FastCounter", "aggregate"]

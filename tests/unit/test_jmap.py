@@ -149,6 +149,6 @@ def test_route_class(path, expected) -> None:
     ("/jmap/ws", "websocket"), ("/jmapx", "other"), ("/jmap/other", "jmap_other"),
     ("/api/v1/mail/messages", "rest"), ("/wp-login.php", "other"),
 ])
-def test_route_class(path, route):
+def test_route_class_of_every_kind(path, route):
     from proxy.jmap import route_class
     assert route_class(path) == route

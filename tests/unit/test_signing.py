@@ -536,7 +536,7 @@ async def test_addon_signs_the_wire_octets_of_a_non_ascii_target(tmp_path, capsy
     assert verify("GET", wire, h, b"", {"k1": SECRET}, now=T0).user_id == "u-1"
     assert verify("GET", wire.decode("utf-8", "surrogateescape"), h, b"", {"k1": SECRET}, now=T0)
     # and the CLI, reading the request as the upstream server would receive it
-    head = f"GET {{}} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in h.items()) + "\r\n"
+    head = "GET {} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in h.items()) + "\r\n"
     req = tmp_path / "req.http"
     req.write_bytes(head.encode().replace(b"{}", wire))
     assert verify_signature_main([str(req), "--key", f"k1={SECRET_B64}", "--now", str(T0)]) == 0
