@@ -142,6 +142,12 @@ class Engine:
         if self.rotator is not None:
             self.rotator.audit = self.audit
         self.connections: set[HttpProtocol] = set()
+        conns = self.metrics.gauge("sge_proxy_client_connections", "Open client connections by protocol "
+                                   "(HTTP/2: connections; its streams are sge_proxy_http2_streams).", ("protocol",))
+        conns.labels("http/1.1").set_function(lambda: self._count_connections(False))
+        conns.labels("h2").set_function(lambda: self._count_connections(True))
+        self.metrics.gauge("sge_proxy_http2_streams", "HTTP/2 streams in progress.").set_function(
+            lambda: sum(len(getattr(c, "streams", ())) for c in list(self.connections)))
         self.in_flight = 0
         self.draining = False
         self.servers: list[asyncio.AbstractServer] = []
@@ -321,6 +327,17 @@ class Engine:
         if self.worker is not None:
             record["worker"] = self.worker
         self.access_log.write(record)
+
+    def _count_connections(self, h2: bool) -> int:
+        """Client connections of one protocol, at scrape time (an HTTP/2 stream's own HttpProtocol
+        is part of its connection, not one of its own)."""
+        n = 0
+        for c in list(self.connections):
+            if hasattr(c, "streams"):
+                n += h2
+            elif not h2 and not getattr(c.transport, "h2_stream", False):
+                n += 1
+        return n
 
     async def reload(self) -> ReloadResult:
         """SIGHUP and POST /reload: re-read the configuration, build and load a whole new chain

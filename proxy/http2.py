@@ -105,6 +105,8 @@ class _Stream:
     """One HTTP/2 stream: the transport its HttpProtocol writes to, and the parser of what it
     writes (the engine's HTTP/1.1 response), turned into frames on the connection."""
 
+    h2_stream = True  # (how the engine's connection gauge tells a stream from a connection)
+
     def __init__(self, conn: "H2Protocol", stream_id: int, head_only: bool) -> None:
         self.conn = conn
         self.id = stream_id

@@ -317,3 +317,23 @@ async def test_expect_100_continue_gets_an_informational_100_before_the_body(cer
         writer.close()
     finally:
         await eng.stop(drain_timeout=1)
+
+
+async def test_connections_and_streams_are_gauged_by_protocol(certs, upstream_app_url):
+    _, url = upstream_app_url
+    eng = await _start(certs, url)
+
+    def gauge(name: str, **labels: str) -> float | None:
+        return eng.metrics.registry.get_sample_value(name, labels)
+    try:
+        async with _client(certs) as c, _client(certs, http2=False) as c1:
+            base = f"https://127.0.0.1:{eng.port}"
+            slow = [asyncio.create_task(c.get(base + "/slow/500")) for _ in range(3)]
+            slow1 = asyncio.create_task(c1.get(base + "/slow/500"))
+            await eventually(lambda: gauge("sge_proxy_http2_streams") == 3 and eng.in_flight == 4)
+            assert gauge("sge_proxy_client_connections", protocol="h2") == 1
+            assert gauge("sge_proxy_client_connections", protocol="http/1.1") == 1
+            await asyncio.gather(*slow, slow1)
+            await eventually(lambda: gauge("sge_proxy_http2_streams") == 0)
+    finally:
+        await eng.stop(drain_timeout=1)
