@@ -1,7 +1,9 @@
 """The auth addon: proves who the client is (JWT or API key) and sets flow.identity.
 
 Credentials: `Authorization: Bearer <JWT>`, `Authorization: Bearer <prefix><rest>` (an API key,
-prefix "sgek_" by default) or `X-API-Key: <key>`. A refusal is a 401 problem+json with a
+prefix "sgek_" by default) or `X-API-Key: <key>`; with `websocket_protocol_credentials`, a
+WebSocket upgrade may instead offer the subprotocol `sge.bearer.<token>` (browsers cannot set
+headers on a WebSocket), which is taken out of the offered subprotocols before going upstream. A refusal is a 401 problem+json with a
 WWW-Authenticate challenge and one generic detail; the real reason goes to the
 `sge_proxy_auth_failures_total{reason}` counter and the log (with the request id, never the token).
 """
@@ -56,6 +58,26 @@ def credential(headers: CIMultiDict, api_header: str | None, bearer_prefix: str,
     Pure. A non-Bearer Authorization (Basic, ...) is not ours: it counts as no credential."""
     return credential_of(headers.getall("Authorization", []),
                          headers.getall(api_header, []) if api_header else [], bearer_prefix, max_bytes)
+
+
+WS_BEARER = "sge.bearer."
+
+
+def protocol_credential(headers: CIMultiDict) -> None:
+    """A WebSocket upgrade's bearer token offered as the subprotocol `sge.bearer.<token>` becomes
+    its Authorization header, and leaves the offered subprotocols (so it never goes upstream).
+    Two credentials (that and an Authorization header, or two such entries) are malformed. Pure."""
+    offered = [p.strip() for v in headers.getall("Sec-WebSocket-Protocol", []) for p in v.split(",") if p.strip()]
+    tokens = [p[len(WS_BEARER):] for p in offered if p.startswith(WS_BEARER)]
+    if not tokens:
+        return
+    if len(tokens) > 1 or "Authorization" in headers:
+        raise AuthFailure("malformed", "more than one credential on a WebSocket upgrade")
+    rest = [p for p in offered if not p.startswith(WS_BEARER)]
+    headers.popall("Sec-WebSocket-Protocol", None)
+    if rest:
+        headers["Sec-WebSocket-Protocol"] = ", ".join(rest)
+    headers["Authorization"] = "Bearer " + tokens[0]
 
 
 def credential_of(authz: list[str], keys: list[str], bearer_prefix: str,
@@ -214,6 +236,9 @@ class AuthOptions:
     api_keys: ApiKeyOptions = field(default_factory=ApiKeyOptions)
     required: bool = True
     public_paths: tuple[str, ...] = ()
+    # browsers cannot set Authorization on a WebSocket: accept a bearer token offered as the
+    # subprotocol "sge.bearer.<token>" on upgrades (removed before the request goes upstream)
+    websocket_protocol_credentials: bool = False
 
     def __post_init__(self) -> None:
         if self.required and not (self.jwt.enabled or self.api_keys.enabled):
@@ -401,6 +426,11 @@ class Auth:
         opts = self._opts
         assert opts is not None, "auth addon used before load"
         req = flow.request
+        if req.websocket and opts.websocket_protocol_credentials:
+            try:
+                protocol_credential(req.headers)
+            except AuthFailure as e:
+                self._refuse(flow, e)
         api_header = opts.api_keys.header
         prefix = opts.api_keys.bearer_prefix if self._store else ""
         api_raw = self._api_raw

@@ -300,3 +300,33 @@ async def test_security_events_reach_the_audit_log_without_credentials(certs, do
     assert opened["request_id"] == closed["request_id"] and closed["messages_from_client"] == 1
     limited = next(e for e in events if e["event"] == "rate_limit.limited")
     assert (limited["limit"], limited["user"]) == ("user", "alice")
+
+
+@pytest.mark.parametrize("enabled", [True, False], ids=["on", "off"])
+async def test_a_browser_offers_its_token_as_a_websocket_subprotocol(certs, double, idp, enabled):
+    """addons.auth.websocket_protocol_credentials: `sge.bearer.<jwt>` among the offered
+    subprotocols authenticates the upgrade; the server never sees the token."""
+    d, url = double
+    eng = await start_chain(certs, url, idp, **{
+        "addons.jmap_guard": {"allow_websocket": True},
+        "addons.auth": {"jwt": {"issuer": ISSUER, "audience": AUDIENCE, "jwks_url": idp.url},
+                        "websocket_protocol_credentials": enabled}})
+    token = idp.keys[0].token("alice", sid="s-alice")
+    try:
+        async with aiohttp.ClientSession() as s:  # no Authorization header, as in a browser
+            if not enabled:
+                with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+                    await s.ws_connect(f"http://127.0.0.1:{eng.port}/jmap/ws", protocols=("jmap", "sge.bearer." + token))
+                assert e.value.status == 401
+                return
+            async with s.ws_connect(f"http://127.0.0.1:{eng.port}/jmap/ws",
+                                    protocols=("jmap", "sge.bearer." + token)) as ws:
+                assert ws.protocol == "jmap"
+                await ws.send_json(ws_request("a", "r1"))
+                assert (await ws.receive_json(timeout=5))["requestId"] == "r1"
+        upgrade = d.seen("/jmap/ws")[-1]
+        assert upgrade.headers["Sec-WebSocket-Protocol"] == "jmap"
+        assert token not in str(dict(upgrade.headers))
+        assert base64.b64decode(upgrade.headers["Authorization"][6:]).decode() == f"alice%{IMPERSONATOR}:{SECRET}"
+    finally:
+        await eng.stop(drain_timeout=1)

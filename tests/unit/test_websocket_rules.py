@@ -98,3 +98,34 @@ def test_close_reasons_fit_a_close_frame(reason, expect):
     from proxy.websocket import _close_reason
     assert _close_reason(reason) == expect
     assert len(_close_reason(reason).encode()) <= 123
+
+
+@pytest.mark.parametrize("headers, protocols, authorization", [
+    ([("Sec-WebSocket-Protocol", "jmap, sge.bearer.abc.def.ghi")], "jmap", "Bearer abc.def.ghi"),
+    ([("Sec-WebSocket-Protocol", "sge.bearer.t0k")], None, "Bearer t0k"),
+    ([("Sec-WebSocket-Protocol", "jmap"), ("Sec-WebSocket-Protocol", "sge.bearer.x, chat")], "jmap, chat",
+     "Bearer x"),
+    ([("Sec-WebSocket-Protocol", "jmap")], "jmap", None),  # nothing offered: untouched
+    ([], None, None),
+], ids=["with-jmap", "alone", "two-headers", "none", "no-protocols"])
+def test_a_bearer_offered_as_a_subprotocol_becomes_the_authorization(headers, protocols, authorization):
+    from multidict import CIMultiDict
+
+    from addons.auth import protocol_credential
+    h = CIMultiDict(headers)
+    protocol_credential(h)
+    assert h.get("Sec-WebSocket-Protocol") == protocols
+    assert h.get("Authorization") == authorization
+
+
+@pytest.mark.parametrize("headers", [
+    [("Sec-WebSocket-Protocol", "sge.bearer.a, sge.bearer.b")],
+    [("Sec-WebSocket-Protocol", "sge.bearer.a"), ("Authorization", "Bearer b")],
+], ids=["two-tokens", "token-and-header"])
+def test_two_credentials_on_an_upgrade_are_refused(headers):
+    from multidict import CIMultiDict
+
+    from addons.auth import protocol_credential
+    from proxy.tokens import AuthFailure
+    with pytest.raises(AuthFailure):
+        protocol_credential(CIMultiDict(headers))
