@@ -758,7 +758,7 @@ class HttpProtocol(asyncio.Protocol):
             self._upstream = None
             return await self._send(flow, resp, None)
         proto = resp.headers.get("Sec-WebSocket-Protocol")
-        self.write_raw(websocket.client_101(leg, resp, flow.id, key.encode("latin-1")))
+        self.write_raw(websocket.client_101(resp, flow.id, key.encode("latin-1")))
         limits = self._limits
         bridge = self._ws = websocket.Bridge(self, leg, flow, mgr, max_message=limits.websocket_max_message,
                                              idle_timeout=limits.push_idle_timeout, subprotocol=proto)

@@ -28,6 +28,7 @@ from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMes
 
 from .errors import ProxyError, UpstreamProtocolError, UpstreamTimeout
 from .flow import Response
+from .http1 import response_head
 
 if TYPE_CHECKING:
     from .addonmanager import AddonManager
@@ -504,7 +505,7 @@ class _NudgeType:
 _Nudge = _NudgeType()
 
 
-def client_101(leg: UpstreamLeg, resp: Response, request_id: str, key: bytes) -> bytes:
+def client_101(resp: Response, request_id: str, key: bytes) -> bytes:
     """The 101 the client gets: the server's headers (scrubbed), no extension, our accept."""
     h: CIMultiDict = resp.headers
     for name in ("Sec-WebSocket-Extensions", "Sec-WebSocket-Accept", "Content-Length", "Transfer-Encoding"):
@@ -513,7 +514,4 @@ def client_101(leg: UpstreamLeg, resp: Response, request_id: str, key: bytes) ->
     h["Connection"] = "Upgrade"
     h["Sec-WebSocket-Accept"] = accept_token(key).decode("ascii")
     h["X-Request-ID"] = request_id
-    lines = ["HTTP/1.1 101 Switching Protocols\r\n"]
-    lines += [f"{k}: {v}\r\n" for k, v in h.items()]
-    lines.append("\r\n")
-    return "".join(lines).encode("latin-1")
+    return response_head(101, "Switching Protocols", h)
