@@ -33,6 +33,18 @@ def _client(certs, http2: bool = True) -> httpx.AsyncClient:
     return httpx.AsyncClient(http2=http2, http1=not http2, verify=ctx, timeout=20)
 
 
+async def _raw_h2(certs, eng, **config):
+    """A raw HTTP/2 client connection (h2's state machine, ALPN h2): (reader, writer, conn)."""
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+    ctx = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+    ctx.set_alpn_protocols(["h2"])
+    reader, writer = await asyncio.open_connection("127.0.0.1", eng.port, ssl=ctx)
+    conn = H2Connection(H2Configuration(client_side=True, **config))
+    conn.initiate_connection()
+    return reader, writer, conn
+
+
 async def test_a_get_over_http2_is_forwarded_as_http11(certs, upstream_app_url):
     app, url = upstream_app_url
     eng = await _start(certs, url)
@@ -205,18 +217,12 @@ def test_request_head_refuses_what_cannot_be_a_request_line(headers):
 
 async def test_a_rapid_reset_flood_ends_the_connection(certs, upstream_app_url):
     """CVE-2023-44487: streams opened and reset at once, over and over: GOAWAY ENHANCE_YOUR_CALM."""
-    from h2.config import H2Configuration
-    from h2.connection import H2Connection
     from h2.errors import ErrorCodes
     from h2.events import ConnectionTerminated
     _, url = upstream_app_url
     eng = await _start(certs, url)
     try:
-        ctx = ssl.create_default_context(cafile=str(certs / "ca.crt"))
-        ctx.set_alpn_protocols(["h2"])
-        reader, writer = await asyncio.open_connection("127.0.0.1", eng.port, ssl=ctx)
-        conn = H2Connection(H2Configuration(client_side=True))
-        conn.initiate_connection()
+        reader, writer, conn = await _raw_h2(certs, eng)
         terminated = None
         for i in range(300):
             sid = conn.get_next_available_stream_id()
@@ -240,19 +246,13 @@ async def test_a_rapid_reset_flood_ends_the_connection(certs, upstream_app_url):
 
 
 async def test_a_malformed_request_is_a_stream_error_and_the_connection_goes_on(certs, upstream_app_url):
-    from h2.config import H2Configuration
-    from h2.connection import H2Connection
     from h2.errors import ErrorCodes
     from h2.events import DataReceived, ResponseReceived, StreamEnded, StreamReset
     app, url = upstream_app_url
     eng = await _start(certs, url)
     try:
-        ctx = ssl.create_default_context(cafile=str(certs / "ca.crt"))
-        ctx.set_alpn_protocols(["h2"])
-        reader, writer = await asyncio.open_connection("127.0.0.1", eng.port, ssl=ctx)
-        conn = H2Connection(H2Configuration(client_side=True, validate_outbound_headers=False,
-                                            normalize_outbound_headers=False))
-        conn.initiate_connection()
+        reader, writer, conn = await _raw_h2(certs, eng, validate_outbound_headers=False,
+                                             normalize_outbound_headers=False)
         base = [(":method", "GET"), (":scheme", "https"), (":authority", "x")]
         conn.send_headers(1, base + [(":path", "/jmap/a smuggled")], end_stream=True)  # a space: no request line
         conn.send_headers(3, base + [(":path", "/jmap/fine")], end_stream=True)
@@ -281,17 +281,11 @@ async def test_a_malformed_request_is_a_stream_error_and_the_connection_goes_on(
 
 
 async def test_expect_100_continue_gets_an_informational_100_before_the_body(certs, upstream_app_url):
-    from h2.config import H2Configuration
-    from h2.connection import H2Connection
     from h2.events import DataReceived, InformationalResponseReceived, ResponseReceived, StreamEnded
     _, url = upstream_app_url
     eng = await _start(certs, url)
     try:
-        ctx = ssl.create_default_context(cafile=str(certs / "ca.crt"))
-        ctx.set_alpn_protocols(["h2"])
-        reader, writer = await asyncio.open_connection("127.0.0.1", eng.port, ssl=ctx)
-        conn = H2Connection(H2Configuration(client_side=True))
-        conn.initiate_connection()
+        reader, writer, conn = await _raw_h2(certs, eng)
         body = b"x" * 100_000
         conn.send_headers(1, [(":method", "POST"), (":scheme", "https"), (":authority", "x"), (":path", "/upload"),
                               ("content-length", str(len(body))), ("expect", "100-continue")])
