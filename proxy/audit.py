@@ -67,7 +67,8 @@ class AuditLog:
                           user=ident.subject if ident is not None else None,
                           tenant=getattr(ident, "tenant", None) if ident is not None else None,
                           method=req.method, path=req.path,
-                          upstream=flow.upstream.origin if flow.upstream is not None else None)
+                          upstream=flow.upstream.origin if flow.upstream is not None else None,
+                          trace_id=flow.trace_id)
         record.update(fields)
         if self.worker is not None:
             record["worker"] = self.worker

@@ -324,6 +324,8 @@ class Engine:
             "user": ident.subject if ident is not None else None,
             "error": getattr(err, "code", None) if err is not None else None,
         }
+        if flow.trace_id is not None:
+            record["trace_id"] = flow.trace_id
         if self.worker is not None:
             record["worker"] = self.worker
         self.access_log.write(record)

@@ -260,7 +260,7 @@ class Flow:
 
     __slots__ = ("id", "request", "response", "upstream", "identity", "error", "metadata",
                  "client_addr", "started", "route", "upstream_ms", "bytes_in", "bytes_out",
-                 "client_token", "_finalizers", "websocket", "__weakref__")
+                 "client_token", "_finalizers", "websocket", "trace_id", "__weakref__")
 
     def __init__(self, request: Request, *, id: str, client_addr: str = "",
                  upstream: "Target | None" = None) -> None:
@@ -280,6 +280,7 @@ class Flow:
         self.client_token: str | None = None
         self._finalizers: list | None = None
         self.websocket: WebSocketData | None = None  # set once a WebSocket handshake is through
+        self.trace_id: str | None = None  # from a well-formed W3C traceparent, for the logs
 
     def on_done(self, callback: "Callable[[Flow], None]") -> None:
         """Call `callback(flow)` once the exchange is completely over: the last response byte

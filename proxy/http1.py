@@ -9,7 +9,7 @@ from multidict import CIMultiDict
 __all__ = ["HOP_BY_HOP", "RESPONSE_SCRUBBED", "names_headers", "request_scrubber", "response_scrubber",
            "status_line", "scrub_request", "scrub_response", "request_head", "response_head",
            "valid_request_id", "reason_phrase", "connection_tokens", "rewrite_location",
-           "raw_request_head", "raw_response_head"]
+           "raw_request_head", "raw_response_head", "trace_id_of"]
 
 # RFC 9110 §7.6.1 plus the classic hop-by-hop list; Proxy-* are all dropped by prefix.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
@@ -29,6 +29,24 @@ def reason_phrase(status: int) -> str:
 
 def valid_request_id(value: str | None) -> bool:
     return value is not None and _REQUEST_ID.fullmatch(value) is not None
+
+
+_TRACEPARENT = re.compile(rb"[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(?:-[^ \t]*)?[ \t]*")
+
+
+def trace_id_of(traceparent: bytes) -> str | None:
+    """The trace id of a W3C `traceparent` header (Trace Context, level 1), for the logs; None
+    for a malformed one (version ff, an all-zero trace or parent id, a version 00 with extra
+    fields). The header itself is passed on untouched either way. Pure."""
+    m = _TRACEPARENT.fullmatch(traceparent)
+    if m is None:
+        return None
+    version, trace, parent, _ = m.groups()
+    if version == b"ff" or trace == b"0" * 32 or parent == b"0" * 16:
+        return None
+    if version == b"00" and len(traceparent.strip()) != 55:
+        return None
+    return trace.decode("ascii")
 
 
 def connection_tokens(headers: CIMultiDict) -> set[str]:

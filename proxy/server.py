@@ -21,7 +21,7 @@ from .errors import (BadRequest, HeadersTooLarge, InternalError, PayloadTooLarge
                      UpstreamProtocolError, UpstreamTimeout, UpstreamTooLarge, to_response)
 from .flow import Flow, Request, Response
 from .http1 import (names_headers, reason_phrase, request_head, request_scrubber, response_head, response_scrubber,
-                    rewrite_location, status_line, valid_request_id)
+                    rewrite_location, status_line, trace_id_of, valid_request_id)
 from .breaker import Circuit
 from .health import FALLBACKS
 from .jmap import route_class
@@ -47,7 +47,8 @@ _NEVER = float("inf")
 _RESP_OWN = frozenset({b"x-request-id"})
 _RESP_OWN_CHUNKED = frozenset({b"x-request-id", b"content-length"})
 _ENGINE_READS = frozenset({b"host", b"content-length", b"transfer-encoding", b"expect", b"x-request-id",
-                           b"connection", b"upgrade", b"sec-websocket-key", b"sec-websocket-version"})
+                           b"connection", b"upgrade", b"sec-websocket-key", b"sec-websocket-version",
+                           b"traceparent"})
 # what the engine sets itself on the upstream request (dropped from the client's, then added)
 _ENGINE_SETS = frozenset({b"host", b"x-request-id", b"expect", b"content-length", b"transfer-encoding"})
 # names whose value the engine decides on the upstream request (an addon's set_header() of one of
@@ -405,6 +406,9 @@ class HttpProtocol(asyncio.Protocol):
             rid = new_request_id()
         flow = Flow(req, id=rid, client_addr=self.peer)  # type: ignore[arg-type]
         flow.route = route_class(req.path, self.engine.jmap_path)
+        tp = h.get(b"traceparent")
+        if tp is not None:  # (passed on as it came; its trace id goes into the logs)
+            flow.trace_id = trace_id_of(tp)
         if self._busy:
             self._queue.append((flow, body, keep_alive))
             self.pause_reading()  # one request ahead at most

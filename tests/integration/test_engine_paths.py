@@ -293,3 +293,19 @@ async def test_expect_100_continue_is_answered_before_the_body_comes(certs, upst
         writer.close()
     finally:
         await eng.stop(drain_timeout=1)
+
+
+async def test_a_traceparent_goes_on_untouched_and_its_trace_id_into_the_access_log(certs, upstream, client, tmp_path):
+    access = tmp_path / "access.log"
+    eng = await start_proxy(certs, upstream, access_log=str(access))
+    tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    try:
+        for headers in ({"traceparent": tp, "tracestate": "congo=t61rcWkgMzE"}, {"traceparent": "garbage"}, {}):
+            async with client.get(f"http://127.0.0.1:{eng.port}/jmap/t", headers=headers) as r:
+                got = {k.lower(): v for k, v in (await r.json())["headers"]}
+            assert got.get("traceparent") == headers.get("traceparent")  # passed on as it came
+            assert got.get("tracestate") == headers.get("tracestate")
+    finally:
+        await eng.stop(drain_timeout=1)
+    lines = [json.loads(line) for line in access.read_text().splitlines() if '"/jmap/t"' in line]
+    assert [line.get("trace_id") for line in lines] == ["4bf92f3577b34da6a3ce929d0e0e4736", None, None]

@@ -138,3 +138,22 @@ def test_raw_heads_drop_what_a_keep_alive_connection_header_implies():
     for head in (req, resp):
         assert b"Accept: a\r\n" in head
         assert b"Connection" not in head and b"Keep-Alive" not in head
+
+
+@pytest.mark.parametrize("value, trace_id", [
+    (b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "4bf92f3577b34da6a3ce929d0e0e4736"),
+    (b" 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00 ", "4bf92f3577b34da6a3ce929d0e0e4736"),
+    (b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-future", "4bf92f3577b34da6a3ce929d0e0e4736"),
+    (b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra", None),  # version 00: nothing more
+    (b"ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", None),        # version ff is invalid
+    (b"00-00000000000000000000000000000000-00f067aa0ba902b7-01", None),        # all-zero trace id
+    (b"00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01", None),        # all-zero parent id
+    (b"00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01", None),        # upper case
+    (b"00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01", None),         # short
+    (b"garbage\n{\"injected\": 1}", None),
+    (b"", None),
+], ids=["w3c-example", "padded", "future-version", "v00-extra", "version-ff", "zero-trace", "zero-parent",
+        "upper-case", "short", "garbage", "empty"])
+def test_trace_id_of_a_traceparent(value, trace_id):
+    from proxy.http1 import trace_id_of
+    assert trace_id_of(value) == trace_id
