@@ -249,6 +249,7 @@ class H2Protocol(asyncio.Protocol):
         self._goaway = False
         self._resets: list[float] = []
         self._flush_scheduled = False
+        self._write_blocked = False  # the transport asked us to stop writing (pause_writing)
         self._loop = asyncio.get_running_loop()
 
     # ------------------------------------------------------------------ connection
@@ -370,15 +371,25 @@ class H2Protocol(asyncio.Protocol):
         if end:
             st.end_pending = True
         self._drain(st)
-        if not st.write_paused and len(st.pending) > _HIGH and st.proto is not None:
-            st.write_paused = True
-            st.proto.pause_writing()
         self._flush()
 
+    def _sync(self, st: _Stream) -> None:
+        """Pause the stream's protocol (the engine then stops reading its upstream) while its
+        pending answer is past _HIGH or the connection's transport is full; resume it below _LOW."""
+        if st.proto is None:
+            return
+        if not st.write_paused and (self._write_blocked or len(st.pending) > _HIGH):
+            st.write_paused = True
+            st.proto.pause_writing()
+        elif st.write_paused and not self._write_blocked and len(st.pending) < _LOW:
+            st.write_paused = False
+            st.proto.resume_writing()
+
     def _drain(self, st: _Stream) -> None:
-        """Send what the windows allow of a stream's pending response."""
+        """Send what the windows allow of a stream's pending answer (nothing while the
+        transport is full: a client may grant large windows and still not read)."""
         try:
-            while st.pending:
+            while st.pending and not self._write_blocked:
                 n = min(len(st.pending), self.h2.local_flow_control_window(st.id), self.h2.max_outbound_frame_size)
                 if n <= 0:
                     break
@@ -392,9 +403,7 @@ class H2Protocol(asyncio.Protocol):
             st.pending.clear()
             st.done = True
             self.detach_soon(st)
-        if st.write_paused and len(st.pending) < _LOW and st.proto is not None:
-            st.write_paused = False
-            st.proto.resume_writing()
+        self._sync(st)
 
     def ack(self, stream_id: int, n: int) -> None:
         try:
@@ -455,10 +464,16 @@ class H2Protocol(asyncio.Protocol):
             self.transport.close()
 
     def pause_writing(self) -> None:
-        pass  # (per-stream windows bound what is buffered: see send_data)
+        """The transport's buffer is full: hold every stream's answer (see _drain, _sync)."""
+        self._write_blocked = True
+        for st in list(self.streams.values()):
+            self._sync(st)
 
     def resume_writing(self) -> None:
-        pass
+        self._write_blocked = False
+        for st in list(self.streams.values()):
+            self._drain(st)
+        self._flush()
 
     def _flush(self) -> None:
         """Write what h2 has queued at the end of this turn of the loop: the frames of every

@@ -331,3 +331,44 @@ async def test_connections_and_streams_are_gauged_by_protocol(certs, upstream_ap
             await eventually(lambda: gauge("sge_proxy_http2_streams") == 0)
     finally:
         await eng.stop(drain_timeout=1)
+
+
+async def test_a_client_that_grants_windows_but_does_not_read_holds_back_the_upstream(certs, upstream_app_url):
+    """Flow control is the client's to grant: one that opens huge windows and then reads nothing
+    must not make the proxy buffer the whole answer (here 60 MB) for it."""
+    from h2.events import DataReceived, StreamEnded
+    from h2.settings import SettingCodes
+    _, url = upstream_app_url
+    eng = await _start(certs, url)
+    try:
+        reader, writer, conn = await _raw_h2(certs, eng)
+        conn.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 2 ** 31 - 1})
+        conn.increment_flow_control_window(2 ** 31 - 1 - 65535)
+        n = 60_000_000
+        conn.send_headers(1, [(":method", "GET"), (":scheme", "https"), (":authority", "x"),
+                              (":path", f"/download/{n}?length=1")], end_stream=True)
+        writer.write(conn.data_to_send())
+        await asyncio.sleep(0.3)
+        proto = next(c for c in eng.connections if hasattr(c, "streams"))
+        held = 0
+        for _ in range(40):  # 0.8 s of not reading
+            await asyncio.sleep(0.02)
+            pending = sum(len(s.pending) for s in proto.streams.values())
+            held = max(held, pending + (proto.transport.get_write_buffer_size() if proto.transport else 0))
+        assert held < 8 << 20
+        got = 0
+        async with asyncio.timeout(30):
+            done = False
+            while not done:
+                data = await reader.read(1 << 20)
+                assert data
+                for ev in conn.receive_data(data):
+                    if isinstance(ev, DataReceived):
+                        got += len(ev.data)
+                    elif isinstance(ev, StreamEnded):
+                        done = True
+                writer.write(conn.data_to_send())
+        assert got == n
+        writer.close()
+    finally:
+        await eng.stop(drain_timeout=1)
