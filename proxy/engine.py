@@ -20,6 +20,7 @@ from .secrets import CachedSource, FileSecretSource
 from .health import UpstreamHealth
 from .server import HttpProtocol
 from .audit import AuditLog
+from .websocket import RESTART
 from .tls import ClientTLS, server_context
 from .upstream import UpstreamPool
 
@@ -440,7 +441,7 @@ class Engine:
         deadline = time.monotonic() + self.config.drain_timeout
         for c in list(self.connections):  # WebSocket sessions would keep the old chain for hours
             if c._ws is not None and c._gen is old:
-                c._ws.shutdown(1012, "The proxy's configuration changed; reconnect.")
+                c._ws.shutdown(RESTART, "The proxy's configuration changed; reconnect.")
         while old.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if old.in_flight:

@@ -141,10 +141,6 @@ class _Stream:
             log.error("http2 stream %d: the engine wrote an answer that does not parse", self.id)
             self.abort()
 
-    def writelines(self, chunks: Any) -> None:
-        for c in chunks:
-            self.write(c)
-
     def close(self) -> None:
         if not self.closing:
             self.closing = True
@@ -176,12 +172,6 @@ class _Stream:
             if self.unacked:
                 n, self.unacked = self.unacked, 0
                 self.conn.ack(self.id, n)
-
-    def get_write_buffer_size(self) -> int:
-        return len(self.pending)
-
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
 
     # httptools callbacks (the engine's response)
     def on_message_begin(self) -> None:
@@ -237,8 +227,6 @@ class H2Protocol(asyncio.Protocol):
         self.closed = False
         self.streams: dict[int, _Stream] = {}
         self._ws = None  # (the engine's reload looks for WebSocket sessions on every connection)
-        self._gen = None
-        self._busy = False
         self.deadline = float("inf")
         # inbound headers validated by h2 (no CR, LF, NUL, uppercase, connection-specific...);
         # outbound ones are the engine's own answer heads, already lower-cased and scrubbed here

@@ -748,7 +748,7 @@ class HttpProtocol(asyncio.Protocol):
             raise
         flow.upstream_ms = (time.perf_counter() - t0) * 1000
         self._answered(flow, target, st, leg.status)
-        resp = flow.response = websocket.upstream_response(leg)
+        flow.response = websocket.upstream_response(leg)
         if leg.status == 101:
             accept = leg.header(b"sec-websocket-accept")
             if not leg.upgraded or accept is None or accept.strip() != websocket.accept_token(key.encode("latin-1")):
@@ -947,7 +947,6 @@ class HttpProtocol(asyncio.Protocol):
                 tried.append(target.key)
                 flow.upstream = target
                 eng.audit.event("routing.failover", flow, primary=primary.origin, reason=err.code)
-            flow.upstream = target
             head = self._request_head(flow, target, framing)
             try:
                 up = await self._attempt(flow, target, st, head, data, stream)

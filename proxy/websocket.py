@@ -344,7 +344,7 @@ class Bridge:
         if self._close is None:
             self._close = (code, reason)
 
-    def shutdown(self, code: int = 1001, reason: str = "The proxy is shutting down.") -> None:
+    def shutdown(self, code: int = GOING_AWAY, reason: str = "The proxy is shutting down.") -> None:
         """End the session from outside the relay: the proxy drains (1001), or the chain it runs
         on was replaced by a reload (1012, Service Restart: the client reconnects to the new one)."""
         self.request_close(code, reason)
@@ -354,8 +354,7 @@ class Bridge:
     def _send(self, to_client: bool, event: Any) -> None:
         conn = self.client if to_client else self.server
         if conn.state not in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
-            if not (isinstance(event, CloseConnection) and conn.state is ConnectionState.REMOTE_CLOSING):
-                return
+            return
         try:
             data = conn.send(event)
         except Exception:  # (wsproto refuses a send in a state that does not allow it)
@@ -365,14 +364,14 @@ class Bridge:
         else:
             self.leg.write(data)
 
-    def _close_both(self, code: int, reason: str, *, client_code: int | None = None) -> None:
+    def _close_both(self, code: int, reason: str) -> None:
         """Start the closing handshake on both legs (each that is still open)."""
         if self._closing_since is None:
             self._closing_since = time.monotonic()
         if self.data.close_code is None:  # the proxy (or an addon) ends it
             self.data.close_code, self.data.close_reason = code, reason
         reason = _close_reason(reason)
-        self._send(True, CloseConnection(code=client_code or code, reason=reason))
+        self._send(True, CloseConnection(code=code, reason=reason))
         self._send(False, CloseConnection(code=code, reason=reason))
 
     def _done(self) -> bool:
@@ -435,10 +434,8 @@ class Bridge:
             return
         if isinstance(ev, CloseConnection):
             # pass the close on, and complete the handshake on the side that started it
-            if from_client:
-                self.data.closed_by_client = self.data.closed_by_client if self.data.closed_by_client is not None else True
-            elif self.data.closed_by_client is None:
-                self.data.closed_by_client = False
+            if self.data.closed_by_client is None:
+                self.data.closed_by_client = from_client
             if self.data.close_code is None:
                 self.data.close_code, self.data.close_reason = ev.code, ev.reason or ""
             code = ev.code if ev.code not in (1005, 1006, 1015) else NORMAL
