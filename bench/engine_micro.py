@@ -2,7 +2,7 @@
 """Microbenchmark of the engine's own Python per request: plain forwarding (no addons), without
 sockets or TLS. Not a test.
 
-    python bench/engine_micro.py [-n 50000] [-c 16] [--access-log off|FILE] [--profile]
+    python bench/engine_micro.py [-n 50000] [-c 16] [--access-log off|FILE] [--profile] [--full]
 
 A real Engine from bench/configs/plain.yaml, and `-c` pairs of a real HttpProtocol and a real
 pooled UpstreamConnection, joined by in-memory transports. Each round feeds every client
@@ -10,7 +10,10 @@ connection the bytes wrk sends for GET /small.json, turns the event loop once (t
 starts run), feeds every upstream connection the bytes the bench nginx answers (a 2.2 KB body)
 and turns it again (the answers go out): `-c` requests per turn, as under load. It prints
 microseconds per request (an empty round of the same harness is measured alongside, to subtract)
-and, with --profile, cProfile's view of one run. For instruction counts that do not depend on the
+and, with --profile, cProfile's view of one run. With --full it is the bench row "full" instead:
+bench/configs/full.yaml's default chain, wrk/jmap.lua's POST /jmap with bench/run.py's token, and
+the bench upstream's Mailbox/get answer (the JMAP guard's session comes from chain_micro.py's
+fetcher during the warm-up, as the bench nginx would serve it). For instruction counts that do not depend on the
 machine's noise, run it under valgrind:
 
     python bench/engine_micro.py -n 10 --quiet          # first: compile the .pyc files
@@ -79,20 +82,38 @@ async def main(args: argparse.Namespace) -> None:
     if not (certs / "client.crt").exists():
         from proxy import devcerts
         devcerts.generate(certs)
-    env = {"STALWART_URL": "https://127.0.0.1:8443", "SGE_CHAIN": "", "SGE_ACCESS_LOG": args.access_log,
+    env = {"STALWART_URL": "https://127.0.0.1:8443", "SGE_ACCESS_LOG": args.access_log,
            "STALWART_CLIENT_CERT": str(certs / "client.crt"), "STALWART_CLIENT_KEY": str(certs / "client.key"),
            "STALWART_CA_CERT": str(certs / "ca.crt")}
-    eng = Engine(load_config(ROOT / "bench" / "configs" / "plain.yaml", env=env))
+    if not args.full:
+        env["SGE_CHAIN"] = ""
+    global REQUEST, ANSWER
+    if args.full:
+        sys.path.insert(0, str(ROOT / "bench"))
+        import chain_micro
+        import run as bench_run
+        REQUEST = (b"POST /jmap HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nAuthorization: Bearer "
+                   + bench_run.mint_jwt().encode() + b"\r\nContent-Type: application/json\r\n"
+                   b"Accept: application/json\r\nContent-Length: " + str(len(chain_micro.BODY)).encode()
+                   + b"\r\n\r\n" + chain_micro.BODY)
+        answer = bench_run.mailbox_get_answer()
+        ANSWER = ANSWER.replace(b"Content-Length: 2200", b"Content-Length: %d" % len(answer))[:-len(BODY)] + answer
+    eng = Engine(load_config(ROOT / "bench" / "configs" / ("full.yaml" if args.full else "plain.yaml"), env=env))
     await eng.load_addons()
+    if args.full:  # the session the guard fetches once, as the bench upstream serves it
+        eng.addons.fetcher = chain_micro.Upstream()
+    await eng.addons.running()
     eng.access_log.start()
     target = eng.default_target
     idle = eng.pool._idle[target.key] = []
     eng.pool._count[target.key] = args.c
     pairs = []
+    conns = []
     for _ in range(args.c):
         conn = UpstreamConnection(eng.pool, target, eng.tls.generation)
         conn.connection_made(MemoryTransport())  # type: ignore[arg-type]
         idle.append(conn)
+        conns.append(conn)
         proto = HttpProtocol(eng, "http")
         proto.connection_made(MemoryTransport())  # type: ignore[arg-type]
         pairs.append(proto)
@@ -102,6 +123,16 @@ async def main(args: argparse.Namespace) -> None:
         for proto in pairs:
             proto.data_received(REQUEST)
         await turn(0)
+        if warming:  # the first requests may wait (token verification, the session fetch): their
+            # Tasks take connections from the pool; answer those
+            for _ in range(20):
+                await asyncio.sleep(0.001)
+            for conn in conns:
+                if conn not in idle:
+                    conn.data_received(ANSWER)
+            for _ in range(20):
+                await asyncio.sleep(0.001)
+            return
         for proto in pairs:
             proto._upstream.data_received(ANSWER)  # the connection this request took
         await turn(0)
@@ -110,10 +141,12 @@ async def main(args: argparse.Namespace) -> None:
         await turn(0)
         await turn(0)
 
+    warming = True
     for _ in range(500):
         await request()
+        warming = False
     for proto in pairs:
-        if not proto.transport.out[-1].endswith(BODY):
+        if not proto.transport.out[-1].endswith(ANSWER[-len(BODY):]):
             raise SystemExit("the engine did not forward the request and answer as expected")
     results = {}
     for label, fn in (("empty turns", empty), ("request", request)) * (1 if args.quiet else 2):
@@ -145,6 +178,7 @@ if __name__ == "__main__":
     ap.add_argument("-c", type=int, default=16, help="connections: requests per round (per loop turn)")
     ap.add_argument("--access-log", default=os.devnull, help="off, or a file (default: /dev/null)")
     ap.add_argument("--profile", action="store_true", help="also print cProfile's view of one run")
+    ap.add_argument("--full", action="store_true", help="the full default chain and POST /jmap (row 'full')")
     ap.add_argument("--quiet", action="store_true", help="one measurement, no output (for callgrind)")
     import uvloop
     uvloop.run(main(ap.parse_args()))
