@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import unquote
 
 from proxy.errors import ConfigError, NotFound
+from proxy.mail import MAIL_ROUTES
 
 if TYPE_CHECKING:
     from proxy.addonmanager import Loader
@@ -144,6 +145,8 @@ class PathAllowlist:
             self._refused.labels(r)
 
     def requestheaders(self, flow: "Flow") -> None:
+        if flow.route in MAIL_ROUTES:  # a mail login (proxy.mail): no HTTP path to check
+            return
         path = flow.request.path
         verdicts = self._verdicts
         try:

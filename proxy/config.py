@@ -14,6 +14,7 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from .errors import ConfigError
+from .mail import MailOptions
 from .options import build
 from .target import Target, parse_target
 
@@ -237,6 +238,7 @@ class Config:
     certificates: CertificateOptions = field(default_factory=CertificateOptions)
     breaker: BreakerOptions = field(default_factory=BreakerOptions)
     retry: RetryOptions = field(default_factory=RetryOptions)
+    mail: MailOptions = field(default_factory=MailOptions)  # IMAP and SMTP submission (proxy.mail)
     chain: tuple[str, ...] | None = None
     addon_files: tuple[str, ...] = ()
     addons: dict[str, Any] = field(default_factory=dict)
@@ -253,6 +255,9 @@ class Config:
     def __post_init__(self) -> None:
         parse_listen(self.listen, "listen")
         parse_listen(self.admin_listen, "admin_listen")
+        for proto in ("imap", "submission"):
+            if (addr := getattr(self.mail, proto).listen) is not None:
+                parse_listen(addr, f"mail.{proto}.listen")
         if not 1 <= self.workers <= 256:
             raise ConfigError("workers", f"must be between 1 and 256, got {self.workers}")
         if self.tls.enabled and (self.tls.cert is None) != (self.tls.key is None):

@@ -22,6 +22,8 @@ CERTS = PACKAGE_ROOT / "certs-dev"
 DEV_ISSUER = "sge-dev-idp"
 DEV_AUDIENCE = "sge-mail-proxy"
 STACK_URL = os.environ.get("SGE_DEV_UPSTREAM", "https://127.0.0.1:18443")
+STACK_IMAP = os.environ.get("SGE_DEV_IMAP_UPSTREAM", "127.0.0.1:18143")  # the stack's imapd, in clear
+DEV_IMAP_LISTEN = "127.0.0.1:1143"
 
 
 def _secret_file(name: str) -> Path:
@@ -65,6 +67,10 @@ def dev_base() -> dict[str, Any]:
                                   "secret": os.environ.get("CYRUS_ADMINPW", "adminpw")},
             "header_signer": {"key_id": "dev", "keys": {"dev": signing}},
         },
+        # IMAP with the same token (STARTTLS, certs-dev's server certificate), relayed to the
+        # stack's Cyrus imapd on the loopback (docs/mail.md)
+        "mail": {"imap": {"listen": DEV_IMAP_LISTEN, "upstream_tls": "none",
+                          "upstreams": {"official": STACK_IMAP}}},
     }
 
 
@@ -80,6 +86,12 @@ def print_welcome(engine: Any, admin: Any) -> None:
     token = dev_token("alice@example.com")
     base = engine.config.public_base()
     out = sys.stderr
+    imap = ""
+    if "imap" in getattr(engine, "mail_servers", {}):
+        port = engine.mail_servers["imap"].port
+        imap = (f"\nIMAP, the same token as the password (STARTTLS; the chain decides the login):\n\n"
+                f"  curl -s --ssl-reqd --cacert {CERTS / 'ca.crt'} -u \"alice@example.com:$TOKEN\" \\\n"
+                f"    imap://127.0.0.1:{port}/ -X 'STATUS INBOX (MESSAGES UNSEEN)'\n")
     print(f"""
 sge-mail-proxy (development default) is up: {base} -> {engine.default_target}
   admin: http://{engine.config.admin_addr[0]}:{admin.port}/metrics  /readyz  /upstreams
@@ -94,7 +106,7 @@ Try (from another terminal):
   curl -s -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' {base}/jmap/ \\
     -d '{{"using":["urn:ietf:params:jmap:core","urn:ietf:params:jmap:mail"],
          "methodCalls":[["Mailbox/get",{{"accountId":"alice@example.com"}},"0"]]}}'
-""", file=out, flush=True)
+{imap}""", file=out, flush=True)
 
 
 def dev_token_main(argv: list[str] | None = None) -> int:

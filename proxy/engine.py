@@ -152,6 +152,7 @@ class Engine:
         self.in_flight = 0
         self.draining = False
         self.servers: list[asyncio.AbstractServer] = []
+        self.mail_servers: dict[str, Any] = {}  # "imap" / "submission" -> proxy.mail.MailServer
         self._addon_files = addon_files
         self._sweep_task: asyncio.Task | None = None
 
@@ -236,6 +237,12 @@ class Engine:
             server.close()
             await self.stop_secrets()
             raise
+        try:
+            await self._start_mail()
+        except BaseException:
+            server.close()
+            await self.stop_secrets()
+            raise
         await server.start_serving()
         self.access_log.start()
         self.audit.start()
@@ -243,6 +250,16 @@ class Engine:
         self.health.start(self.default_target)
         self._sweep_task = loop.create_task(self._sweep(), name="connection-sweeper")
         await self.addons.running()
+
+    async def _start_mail(self) -> None:
+        """The IMAP and SMTP submission listeners, when configured (proxy.mail)."""
+        import importlib
+        for module, cls, opts in (("imap", "ImapServer", self.config.mail.imap),
+                                  ("smtp", "SubmissionServer", self.config.mail.submission)):
+            if opts.listen is not None:
+                srv = getattr(importlib.import_module(f"proxy.{module}"), cls)(self, opts)
+                await srv.start()
+                self.mail_servers[srv.protocol] = srv
 
     @property
     def port(self) -> int:
@@ -467,6 +484,7 @@ class Engine:
             s.close()
         for c in list(self.connections):
             c.close_if_idle()
+        mail = [asyncio.ensure_future(m.stop(drain_timeout)) for m in self.mail_servers.values()]
         deadline = time.monotonic() + drain_timeout
         while self.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -478,6 +496,8 @@ class Engine:
                 c.transport.close()
         if self._sweep_task is not None:
             self._sweep_task.cancel()
+        if mail:
+            await asyncio.gather(*mail, return_exceptions=True)
         await self.health.stop()
         for g, t in list(self._retiring.items()):  # chains a reload replaced: their requests are done too
             if t is not None:

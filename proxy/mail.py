@@ -1,0 +1,531 @@
+"""Mail protocols at the edge: what the IMAP and SMTP submission listeners share (docs/mail.md).
+
+A mail session is authenticated by the proxy, not by the mail server: the client logs in with its
+JWT or API key as the password (LOGIN, SASL PLAIN) or as an OAuth token (SASL XOAUTH2,
+OAUTHBEARER), and that login runs through the same addon chain as an HTTP request. The chain sees
+a request `IMAP /mail/imap` (or `SMTP /mail/submission`) carrying `Authorization: Bearer
+<secret>`: auth proves who it is, rate_limit counts the attempt, the policy decides (rules match
+the method and path like any other), the resolver picks the user's server, upstream_identity
+says how to log in there. The proxy then opens its own connection to that server (TLS with the
+client certificate), logs in with the credentials upstream_identity chose (SASL PLAIN with an
+authorization identity for `authorize-as`, Stalwart's `user%impersonator` for `impersonate`,
+OAUTHBEARER for a bearer token) and from then on relays bytes both ways untouched.
+
+An empty chain (plain forwarding) has no auth: the client's own user name and password go to the
+server as they came, the way HTTP plain forwarding passes the client's Authorization on.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import ssl
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from .errors import ConfigError, ProxyError
+from .flow import Flow, Request
+from .health import FALLBACKS
+from .tls import server_context
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .target import Target
+
+__all__ = ["MailListenerOptions", "ImapOptions", "SubmissionOptions", "MailOptions", "SaslError",
+           "Credentials", "UpstreamLogin", "Grant", "MailGate", "parse_sasl", "sasl_plain",
+           "oauthbearer", "relay", "mail_server_context", "ROUTES", "MAIL_ROUTES", "MailServer"]
+
+log = logging.getLogger("sge.mail")
+
+# what the chain sees of a mail login: method and path per protocol (policies match them)
+ROUTES = {"imap": ("IMAP", "/mail/imap"), "submission": ("SMTP", "/mail/submission")}
+MAIL_ROUTES = frozenset(ROUTES)  # flow.route of a mail login (an HTTP request never gets these)
+MECHANISMS = ("PLAIN", "XOAUTH2", "OAUTHBEARER")
+
+
+# ---------------------------------------------------------------------------- options
+@dataclass(frozen=True, kw_only=True)
+class MailListenerOptions:
+    """One mail listener. Off unless `listen` is set.
+
+    tls: starttls (plain first, STARTTLS offered, credentials refused before it) or implicit
+      (TLS from the first byte, ports 993/465). The certificate is `tls.cert`/`tls.key` (certs-dev's
+      when unset).
+    upstream_port / upstream_tls: where the user's server takes this protocol: the host of its
+      JMAP URL and this port, over TLS with the client certificate (implicit) or, for a server on
+      this machine's loopback only, in clear (none). `upstreams` names another HOST:PORT per target
+      name (the routes' server names: official, tenant:acme, ...).
+    allow_plaintext_auth: accept credentials on a connection without TLS (loopback testing).
+    login_timeout: the whole pre-login dialogue; idle_timeout: no byte either way after it.
+    """
+    listen: str | None = None
+    tls: Literal["starttls", "implicit"] = "starttls"
+    upstream_port: int = 993
+    upstream_tls: Literal["implicit", "none"] = "implicit"
+    upstreams: dict[str, str] = field(default_factory=dict)
+    allow_plaintext_auth: bool = False
+    login_timeout: float = field(default=60.0, metadata={"kind": "duration"})
+    idle_timeout: float = field(default=1860.0, metadata={"kind": "duration"})
+    max_line: int = field(default=8192, metadata={"kind": "size"})
+    failure_delay: float = field(default=1.0, metadata={"kind": "duration"})
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.upstream_port <= 65535:
+            raise ConfigError("upstream_port", f"must be a port number, got {self.upstream_port}")
+        if self.max_line < 512:
+            raise ConfigError("max_line", "must be at least 512 bytes")
+        for name, addr in self.upstreams.items():
+            if not isinstance(addr, str) or not addr.rpartition(":")[2].isdigit():
+                raise ConfigError(f"upstreams.{name}", f"expected HOST:PORT, got {addr!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImapOptions(MailListenerOptions):
+    upstream_port: int = 993
+    idle_timeout: float = field(default=1860.0, metadata={"kind": "duration"})  # RFC 9051: >= 30 min
+
+
+@dataclass(frozen=True, kw_only=True)
+class SubmissionOptions(MailListenerOptions):
+    upstream_port: int = 465
+    idle_timeout: float = field(default=300.0, metadata={"kind": "duration"})  # RFC 5321: 5 min
+    hostname: str = "localhost"  # in the greeting and the EHLO the proxy sends upstream
+
+
+@dataclass(frozen=True, kw_only=True)
+class MailOptions:
+    imap: ImapOptions = field(default_factory=ImapOptions)
+    submission: SubmissionOptions = field(default_factory=SubmissionOptions)
+
+
+def mail_server_context(engine: "Engine", alpn: str) -> ssl.SSLContext:
+    """The listener's TLS context: the proxy's certificate, this protocol's ALPN name only (an
+    HTTP client that lands here is not told it may speak HTTP)."""
+    cfg = engine.config
+    cert = cfg.resolve(cfg.tls.cert or Path("certs-dev/server.crt"))
+    key = cfg.resolve(cfg.tls.key or Path("certs-dev/server.key"))
+    assert cert is not None and key is not None
+    ctx = server_context(cert=cert, key=key, min_version=cfg.tls.min_version)
+    ctx.set_alpn_protocols([alpn])
+    return ctx
+
+
+# ---------------------------------------------------------------------------- SASL
+class SaslError(ValueError):
+    """A SASL response that cannot be decoded (the client gets a syntax error, not a login)."""
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What the client logged in with. kind: "password" (LOGIN, PLAIN: the secret may be a JWT or
+    an API key) or "bearer" (XOAUTH2, OAUTHBEARER)."""
+    user: str | None
+    secret: str
+    kind: str = "password"
+    authzid: str | None = None
+
+    def __repr__(self) -> str:  # never print a secret
+        return f"Credentials(user={self.user!r}, kind={self.kind!r})"
+
+
+def _b64(data: bytes | str) -> bytes:
+    raw = data.encode("ascii", "replace") if isinstance(data, str) else data
+    try:
+        return base64.b64decode(raw.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise SaslError("not base64") from None
+
+
+def _text(b: bytes, what: str) -> str:
+    try:
+        s = b.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SaslError(f"{what} is not UTF-8") from None
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in s):
+        raise SaslError(f"{what} has control characters")
+    return s
+
+
+def parse_sasl(mechanism: str, response: bytes | str) -> Credentials:
+    """Decode one client response of PLAIN (RFC 4616), XOAUTH2 (Google's) or OAUTHBEARER
+    (RFC 7628). Pure; SaslError for anything malformed."""
+    mech = mechanism.upper()
+    data = _b64(response)
+    if mech == "PLAIN":
+        parts = data.split(b"\0")
+        if len(parts) != 3 or not parts[1] or not parts[2]:
+            raise SaslError("PLAIN wants authzid NUL authcid NUL password")
+        authzid = _text(parts[0], "authzid") or None
+        return Credentials(_text(parts[1], "user"), _text(parts[2], "password"), "password", authzid)
+    if mech == "XOAUTH2":  # user=...^Aauth=Bearer ...^A^A
+        fields = dict(p.split(b"=", 1) for p in data.split(b"\x01") if b"=" in p)
+        user, auth = fields.get(b"user"), fields.get(b"auth", b"")
+        if not auth.lower().startswith(b"bearer ") or not auth[7:].strip():
+            raise SaslError("XOAUTH2 wants auth=Bearer <token>")
+        return Credentials(_text(user, "user") if user else None, _text(auth[7:].strip(), "token"), "bearer")
+    if mech == "OAUTHBEARER":  # gs2-header ^A key=value ^A ... ^A^A
+        head, sep, rest = data.partition(b"\x01")
+        if not sep or not head.startswith((b"n,", b"y,")):
+            raise SaslError("OAUTHBEARER wants a GS2 header (n,a=user,)")
+        user = None
+        for attr in head.split(b",")[1:]:
+            if attr.startswith(b"a="):
+                user = _text(attr[2:].replace(b"=2C", b",").replace(b"=3D", b"="), "user")
+        fields = dict(p.split(b"=", 1) for p in rest.split(b"\x01") if b"=" in p)
+        auth = fields.get(b"auth", b"")
+        if not auth.lower().startswith(b"bearer ") or not auth[7:].strip():
+            raise SaslError("OAUTHBEARER wants auth=Bearer <token>")
+        return Credentials(user, _text(auth[7:].strip(), "token"), "bearer")
+    raise SaslError(f"mechanism {mech} is not offered")
+
+
+def sasl_plain(authcid: str, password: str, authzid: str | None = None) -> str:
+    """A PLAIN initial response, base64."""
+    raw = f"{authzid or ''}\0{authcid}\0{password}".encode("utf-8")
+    return base64.b64encode(raw).decode("ascii")
+
+
+def oauthbearer(user: str, token: str) -> str:
+    """An OAUTHBEARER initial response (RFC 7628), base64."""
+    a = user.replace("=", "=3D").replace(",", "=2C")
+    return base64.b64encode(f"n,a={a},\x01auth=Bearer {token}\x01\x01".encode("utf-8")).decode("ascii")
+
+
+# ---------------------------------------------------------------------------- the login decision
+@dataclass(frozen=True)
+class UpstreamLogin:
+    """How the proxy logs in to the mail server: SASL PLAIN (authcid, password, optional
+    authzid) or OAUTHBEARER (user, token)."""
+    mechanism: str  # "PLAIN" | "OAUTHBEARER"
+    user: str
+    secret: str
+    authzid: str | None = None
+
+    def initial_response(self) -> str:
+        if self.mechanism == "OAUTHBEARER":
+            return oauthbearer(self.user, self.secret)
+        return sasl_plain(self.user, self.secret, self.authzid)
+
+    def __repr__(self) -> str:
+        return f"UpstreamLogin({self.mechanism}, user={self.user!r}, authzid={self.authzid!r})"
+
+
+@dataclass
+class Grant:
+    """A login the chain allowed: the flow (for the logs), where to go and how to log in."""
+    flow: Flow
+    targets: list["Target"]
+    login: UpstreamLogin
+
+
+class LoginRefused(Exception):
+    """The chain (or the proxy) refused the login. `status` is the HTTP status the chain gave
+    (401: bad credentials, 403: policy, 429: rate limit, 503: no server); `reason` is safe to
+    show."""
+
+    def __init__(self, status: int, reason: str, flow: Flow | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.flow = flow
+
+
+def _same_user(given: str, flow: Flow) -> bool:
+    ident = flow.identity
+    if ident is None:
+        return True
+    g = given.casefold()
+    return g in {ident.subject.casefold(), ident.login.casefold()}
+
+
+def upstream_login(flow: Flow, creds: Credentials) -> UpstreamLogin:
+    """The upstream credentials the chain left on the flow: upstream_identity's Authorization
+    (Basic: PLAIN, with Authorize-As as the authorization identity; Bearer: OAUTHBEARER), or,
+    when no addon replaced what the client sent (an empty chain), the client's own."""
+    req = flow.request
+    authz = req.header("Authorization") or ""
+    scheme, _, value = authz.partition(" ")
+    ours = authz == f"Bearer {creds.secret}"  # what MailGate put there: nobody replaced it
+    if ours:
+        if flow.identity is not None:
+            raise LoginRefused(502, "No upstream identity is configured for mail logins "
+                                    "(addons.upstream_identity).", flow)
+        if creds.kind == "bearer":
+            return UpstreamLogin("OAUTHBEARER", creds.user or "", creds.secret)
+        return UpstreamLogin("PLAIN", creds.user or "", creds.secret, creds.authzid)
+    if scheme.lower() == "basic":
+        try:
+            user, sep, password = base64.b64decode(value, validate=True).decode("utf-8").partition(":")
+        except (binascii.Error, ValueError):
+            raise LoginRefused(502, "The upstream identity is not usable for mail.", flow) from None
+        if not sep:
+            raise LoginRefused(502, "The upstream identity is not usable for mail.", flow)
+        return UpstreamLogin("PLAIN", user, password, req.header("Authorize-As"))
+    if scheme.lower() == "bearer" and value:
+        ident = flow.identity
+        return UpstreamLogin("OAUTHBEARER", ident.login if ident is not None else (creds.user or ""), value)
+    raise LoginRefused(502, "The upstream identity is not usable for mail.", flow)
+
+
+class MailGate:
+    """Runs a mail login through the engine's current chain."""
+
+    def __init__(self, engine: "Engine", protocol: str) -> None:
+        self.engine = engine
+        self.protocol = protocol
+        self.method, self.path = ROUTES[protocol]
+        m = engine.metrics
+        self.logins = m.counter("sge_proxy_mail_logins_total", "Mail logins by protocol and result "
+                                "(ok, refused: the chain said no, failed: the server or the network).",
+                                ("protocol", "result"))
+
+    async def login(self, creds: Credentials, peer: str) -> Grant:
+        from .server import new_request_id
+        eng = self.engine
+        value = f"Bearer {creds.secret}".encode("latin-1", "replace")
+        raw = [(b"authorization", b"Authorization", value)]
+        req = Request(self.method, self.path, raw=raw, http_version="1.1", scheme=self.protocol,
+                      host="", peer=peer)
+        req.raw_connection = False
+        flow = Flow(req, id=new_request_id(), client_addr=peer)
+        flow.route = self.protocol
+        flow.upstream = eng.default_target
+        mgr = eng.generation.addons
+        try:
+            try:
+                await mgr.run("requestheaders", flow)
+                if flow.response is None:
+                    await mgr.run("request", flow)
+            finally:
+                if flow._finalizers is not None:
+                    flow.finish()  # a rate-limit slot is the login's, not the session's
+            if flow.response is not None:
+                status = flow.response.status_code
+                if status < 400:
+                    raise LoginRefused(403, "Mail logins cannot be answered by an addon.", flow)
+                raise LoginRefused(status, "Login refused.", flow)
+            if creds.user is not None and not _same_user(creds.user, flow):
+                raise LoginRefused(401, "The user name does not match the credential.", flow)
+            login = upstream_login(flow, creds)
+            primary = flow.upstream or eng.default_target
+            fallbacks = list(flow.metadata.get(FALLBACKS) or ())
+            first, _ = eng.health.pick(primary, fallbacks, time.monotonic())
+            targets = [first] + [t for t in (primary, *fallbacks) if t is not first]
+        except ProxyError as e:
+            flow.error = e
+            self.logins.labels(self.protocol, "refused").inc()
+            raise LoginRefused(e.status, e.detail if e.status != 401 else "Authentication failed.", flow) from None
+        except LoginRefused as e:
+            self.logins.labels(self.protocol, "refused").inc()
+            e.flow = flow
+            raise
+        return Grant(flow, targets, login)
+
+    def address(self, opts: MailListenerOptions, target: "Target") -> tuple[str, int]:
+        named = opts.upstreams.get(target.name)
+        if named is not None:
+            host, _, port = named.rpartition(":")
+            return host.strip("[]"), int(port)
+        return target.host, opts.upstream_port
+
+    async def connect(self, opts: MailListenerOptions, grant: Grant
+                      ) -> tuple["Target", asyncio.StreamReader, asyncio.StreamWriter]:
+        """A connection to the first of the route's servers that takes one (TLS with the client
+        certificate unless upstream_tls is none)."""
+        eng = self.engine
+        last: Exception | None = None
+        for target in grant.targets:
+            host, port = self.address(opts, target)
+            ctx = None
+            if opts.upstream_tls == "none" and not _loopback(host):
+                log.error("mail.%s.upstream_tls is none but %s is not a loopback address: refused",
+                          self.protocol, host)
+                last = ConnectionRefusedError(f"{host} is not loopback")
+                continue
+            if opts.upstream_tls == "implicit":
+                ctx = eng.tls.ctx
+                if ctx is None:
+                    raise LoginRefused(503, "No client certificate is loaded.", grant.flow)
+            try:
+                async with asyncio.timeout(eng.config.stalwart.connect_timeout):
+                    reader, writer = await asyncio.open_connection(
+                        host, port, ssl=ctx, server_hostname=target.host if ctx else None,
+                        limit=max(opts.max_line, 65536))
+            except (OSError, TimeoutError) as e:
+                last = e
+                eng.audit.event("mail.upstream_failed", grant.flow, server=f"{host}:{port}",
+                                reason=type(e).__name__)
+                continue
+            grant.flow.upstream = target
+            return target, reader, writer
+        self.logins.labels(self.protocol, "failed").inc()
+        raise LoginRefused(503, "The mail server is unavailable.", grant.flow) from last
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def plaintext_allowed(opts: MailListenerOptions, writer: asyncio.StreamWriter) -> bool:
+    return opts.allow_plaintext_auth or writer.get_extra_info("sslcontext") is not None
+
+
+# ---------------------------------------------------------------------------- after the login
+def relaying(server: "MailServer") -> None:
+    """Mark the current session as logged in and relaying (see MailServer.stop)."""
+    task = asyncio.current_task()
+    if task is not None:
+        server.relaying.add(task)
+
+
+async def relay(client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+                server: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+                idle_timeout: float, counts: dict[str, int]) -> str:
+    """Copy bytes both ways until either side closes or neither sends for `idle_timeout`.
+    Back-pressure: each direction waits for its writer to drain before reading more. Returns
+    who ended it: "client", "server" or "idle"."""
+    last = [time.monotonic()]
+    ended: list[str] = []
+
+    async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, key: str, side: str) -> None:
+        try:
+            while True:
+                data = await src.read(65536)
+                if not data:
+                    break
+                last[0] = time.monotonic()
+                counts[key] += len(data)
+                dst.write(data)
+                await dst.drain()
+        except (OSError, ssl.SSLError):
+            pass
+        ended.append(side)
+
+    up = asyncio.ensure_future(pump(client[0], server[1], "in", "client"))
+    down = asyncio.ensure_future(pump(server[0], client[1], "out", "server"))
+    try:
+        while True:
+            remaining = last[0] + idle_timeout - time.monotonic()
+            if remaining <= 0:
+                ended.append("idle")
+                break
+            done, _ = await asyncio.wait((up, down), timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            if done:
+                break
+    finally:
+        for t in (up, down):
+            t.cancel()
+        await asyncio.gather(up, down, return_exceptions=True)
+    return ended[0] if ended else "idle"
+
+
+async def close(writer: asyncio.StreamWriter) -> None:
+    try:
+        writer.close()
+        async with asyncio.timeout(1):
+            await writer.wait_closed()
+    except (OSError, ssl.SSLError, TimeoutError, asyncio.CancelledError):
+        pass
+    except Exception:  # an SSL shutdown race on a peer that left
+        pass
+
+
+def session_log(engine: "Engine", flow: Flow, status: int, counts: dict[str, int]) -> None:
+    """The session's access-log line (written when it ends): bytes both ways, its duration."""
+    flow.bytes_in = counts.get("in", 0)
+    flow.bytes_out = counts.get("out", 0)
+    engine.metrics.observe_request(flow.route, flow.request.method, status, time.perf_counter() - flow.started)
+    engine.log_access(flow, status, time.perf_counter() - flow.started)
+
+
+
+# ---------------------------------------------------------------------------- the listener
+class MailServer:
+    """One mail listener: accepts connections, runs `session(reader, writer)` for each in a
+    Task, and on stop refuses new ones, gives the sessions `drain_timeout` to end, then closes
+    them. A protocol subclasses it and writes `session` (proxy.imap, proxy.smtp)."""
+
+    protocol = "imap"
+    alpn = "imap"
+
+    def __init__(self, engine: "Engine", opts: MailListenerOptions) -> None:
+        self.engine = engine
+        self.opts = opts
+        self.gate = MailGate(engine, self.protocol)
+        self.tls_ctx = mail_server_context(engine, self.alpn)
+        self.server: asyncio.AbstractServer | None = None
+        self.sessions: set[asyncio.Task] = set()
+        self.relaying: set[asyncio.Task] = set()  # logged in: bytes relayed (no login to finish)
+        self.stopping = False
+        g = engine.metrics.gauge("sge_proxy_mail_sessions", "Open mail sessions by protocol (logged in or not).",
+                                 ("protocol",))
+        g.labels(self.protocol).set_function(lambda: len(self.sessions))
+
+    async def start(self) -> None:
+        assert self.opts.listen is not None
+        from .config import parse_listen
+        host, port = parse_listen(self.opts.listen, f"mail.{self.protocol}.listen")
+        ssl_ctx = self.tls_ctx if self.opts.tls == "implicit" else None
+        try:
+            self.server = await asyncio.start_server(self._accepted, host, port, ssl=ssl_ctx, backlog=256,
+                                                     limit=max(self.opts.max_line, 65536), reuse_address=True,
+                                                     reuse_port=self.engine.worker is not None)
+        except OSError as e:
+            raise ConfigError(f"mail.{self.protocol}.listen", f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.sessions.add(task)
+        try:
+            await self.session(reader, writer)
+        except (OSError, ssl.SSLError, asyncio.IncompleteReadError, ConnectionError):
+            pass
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("%s session failed", self.protocol)
+        finally:
+            self.sessions.discard(task)
+            self.relaying.discard(task)
+            await close(writer)
+
+    async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    async def stop(self, drain_timeout: float) -> None:
+        """Logins under way may finish (bounded by drain_timeout); relayed sessions are closed at
+        once (a mail client reconnects; waiting for it to log out could take days)."""
+        self.stopping = True
+        if self.server is not None:
+            self.server.close()
+        for t in list(self.relaying):
+            t.cancel()
+        deadline = time.monotonic() + drain_timeout
+        while self.sessions and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for t in list(self.sessions):
+            t.cancel()
+        if self.sessions:
+            await asyncio.gather(*self.sessions, return_exceptions=True)
+        if self.server is not None:
+            try:
+                async with asyncio.timeout(1):
+                    await self.server.wait_closed()
+            except TimeoutError:
+                pass
