@@ -12,7 +12,6 @@ import os
 import ssl
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
