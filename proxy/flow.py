@@ -12,6 +12,8 @@ from multidict import CIMultiDict
 from .http1 import RESPONSE_SCRUBBED as _RESPONSE_SCRUBBED, scrub_request, scrub_response
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterable
+
     from .identity import Identity
     from .websocket import WebSocketData
     from .target import Target
@@ -222,6 +224,23 @@ class Response(_Message):
             body = body.encode()
         h: CIMultiDict = CIMultiDict(headers or ())
         return cls(status, h, body)
+
+    @classmethod
+    def stream(cls, status: int, chunks: "AsyncIterable[bytes]",
+               headers: dict[str, str] | list[tuple[str, str]] | None = None) -> "Response":
+        """A response made by an addon whose body is produced while it is sent (an export, a
+        generated archive): the engine iterates `chunks` with back-pressure (the next chunk is
+        asked for once the client has taken the last) and sends them chunked (HTTP/1.1) or up to
+        the connection's close (HTTP/1.0). Once the head is out, an exception while iterating
+        can only abort the connection: the client sees a truncated answer, never a complete one."""
+        r = cls(status, CIMultiDict(headers or ()), None)
+        r._stream = chunks
+        return r
+
+    @property
+    def chunks(self) -> "AsyncIterable[bytes] | None":
+        """The body's chunks of a `Response.stream` (None for any other response)."""
+        return self._stream
 
     def _scrub(self, h: CIMultiDict) -> None:
         scrub_response(h)

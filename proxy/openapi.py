@@ -261,6 +261,19 @@ _PATHS: dict[str, Any] = {
         "operationId": "getQuota", "summary": "Quotas (Quota/get, RFC 9425), when the server offers them.",
         "responses": {**_ok(200, "The quotas.", "QuotaList"), **_problems(501)},
     }},
+    f"{PREFIX}/export": {"get": {
+        "operationId": "exportMail",
+        "summary": "Every message of the account (or of one mailbox) as one mboxrd file (RFC 4155), oldest "
+                   "first, streamed: data portability.",
+        "parameters": [_q("mailbox", {"type": "string", "minLength": 1, "maxLength": 255},
+                          "Only this mailbox: a role, name or id (default: every message).")],
+        "responses": {
+            "200": {"description": "The mbox file (chunked; a failure midway cuts the connection, so a "
+                                   "complete transfer is a complete export).",
+                    "headers": {"Content-Disposition": {"schema": {"type": "string"}}},
+                    "content": {"application/mbox": {"schema": {"type": "string", "format": "binary"}}}},
+            **_problems(400)},
+    }},
     "/api/v1/openapi.json": {"get": {
         "operationId": "openapi", "summary": "This document.",
         "responses": {"200": {"description": "OpenAPI 3.1.",

@@ -219,6 +219,7 @@ ROUTES: tuple[tuple[tuple[str, ...], Mapping[str, str]], ...] = (
     (("messages", "{}", "attachments", "{}"), {"GET": "download_attachment"}),
     (("attachments",), {"POST": "upload_attachment"}),
     (("quota",), {"GET": "get_quota"}),
+    (("export",), {"GET": "export"}),
 )
 
 
@@ -1107,3 +1108,72 @@ class FacadeCache:
 
     def __len__(self) -> int:
         return len(self._data)
+
+
+# ---------------------------------------------------------------------------- export (data portability)
+EXPORT_PAGE = 200  # messages per Email/query page (capped by the server's maxObjectsInGet)
+EXPORT_PROPERTIES = ["id", "blobId", "receivedAt", "size"]
+_FROM_LINE = re.compile(rb"^(>*From )", re.MULTILINE)
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+
+
+def parse_export_query(query: str) -> str | None:
+    """GET /export parameters: `mailbox` (role, name or id; default: every message). Pure."""
+    p = _query_params(query, ("mailbox",))
+    if "mailbox" not in p:
+        return None
+    box = _text(p["mailbox"], "mailbox", max_len=255)
+    if not box:
+        raise BadRequest("mailbox must not be empty.")
+    return box
+
+
+def export_request(account: str, mailbox_id: str | None, after: str | None, limit: int) -> dict[str, Any]:
+    """One page of the export: the messages in receivedAt order after the id `after` (an anchor,
+    so that messages arriving or leaving during the export neither repeat nor shift the pages),
+    and their blob ids."""
+    q: dict[str, Any] = {"accountId": account, "sort": [{"property": "receivedAt", "isAscending": True}],
+                         "limit": limit}
+    if mailbox_id is not None:
+        q["filter"] = {"inMailbox": mailbox_id}
+    if after is not None:
+        q.update(anchor=after, anchorOffset=1)
+    return _request([CORE, MAIL], ["Email/query", q, "q"],
+                    ["Email/get", {"accountId": account, "#ids": {"resultOf": "q", "name": "Email/query",
+                                                                   "path": "/ids"},
+                                   "properties": EXPORT_PROPERTIES}, "g"])
+
+
+def export_page(responses: Responses) -> list[tuple[str, str, str | None]]:
+    """(id, blobId, receivedAt) of a page, in the query's order. Pure."""
+    qa = responses.get("q", "Email/query")
+    ga = responses.get("g", "Email/get")
+    by_id = {e.get("id"): e for e in ga.get("list") or () if isinstance(e, dict)}
+    out = []
+    for i in qa.get("ids") or ():
+        e = by_id.get(i)
+        if e is not None and isinstance(e.get("blobId"), str):
+            out.append((i, e["blobId"], _str_or_none(e.get("receivedAt"))))
+    return out
+
+
+def mbox_from_line(received_at: str | None) -> bytes:
+    """The mbox separator: `From MAILER-DAEMON Fri Nov 27 03:00:00 2026` (asctime, UTC). Pure."""
+    try:
+        t = datetime.fromisoformat((received_at or "").replace("Z", "+00:00")).astimezone(timezone.utc)
+    except ValueError:
+        t = datetime(1970, 1, 1, tzinfo=timezone.utc)
+    return (f"From MAILER-DAEMON {_DAYS[t.weekday()]} {_MONTHS[t.month - 1]} {t.day:2d} "
+            f"{t:%H:%M:%S} {t.year}\n").encode("ascii")
+
+
+def mbox_entry(raw: bytes, received_at: str | None) -> bytes:
+    """One message as an mboxrd entry (RFC 4155; the mboxrd quoting, which is reversible): the
+    From_ line, the message with LF line ends and every line that starts with `From ` after any
+    number of `>` given one more `>`, then an empty line. Pure."""
+    body = raw.replace(b"\r\n", b"\n")
+    body = _FROM_LINE.sub(rb">\1", body)
+    if not body.endswith(b"\n"):
+        body += b"\n"
+    return mbox_from_line(received_at) + body + b"\n"

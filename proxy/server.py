@@ -1017,6 +1017,8 @@ class HttpProtocol(asyncio.Protocol):
         body already complete): one write. None when the upstream body has to be streamed."""
         status = resp.status
         no_body = flow.request.method == "HEAD" or status in _NO_BODY_STATUS or status < 200
+        if up is None and resp._stream is not None:
+            return None  # an addon's Response.stream: _send_chunks
         if resp.body is not None or up is None:
             body = resp.body or b""
             h = self._response_headers(flow, resp)
@@ -1077,7 +1079,8 @@ class HttpProtocol(asyncio.Protocol):
         status = self._send_now(flow, resp, up)
         if status is not None:
             return status
-        assert up is not None
+        if up is None:
+            return await self._send_chunks(flow, resp)
         status = resp.status
         conn = up.conn
         if self.engine.draining:
@@ -1125,6 +1128,48 @@ class HttpProtocol(asyncio.Protocol):
         if chunked:
             self.write_raw(b"0\r\n\r\n")
         self._finish_upstream(up)
+        return status
+
+    async def _send_chunks(self, flow: Flow, resp: Response) -> int:
+        """An addon's streamed body (Response.stream), chunk by chunk, each written once the
+        client has taken the last (drain)."""
+        status = resp.status
+        no_body = flow.request.method == "HEAD" or status in _NO_BODY_STATUS or status < 200
+        h = self._response_headers(flow, resp)
+        h.popall("Content-Length", None)
+        h.popall("Transfer-Encoding", None)
+        chunked = not no_body and flow.request.http_version == "1.1"
+        if chunked:
+            h["Transfer-Encoding"] = "chunked"
+        elif not no_body:  # HTTP/1.0: the body ends when the connection does
+            self._must_close = True
+            h["Connection"] = "close"
+        self.write_raw(response_head(status, resp.reason, h))
+        chunks = resp.chunks
+        sent = 0
+        try:
+            if not no_body:
+                async for chunk in chunks:  # type: ignore[union-attr]
+                    if not chunk:
+                        continue
+                    sent += len(chunk)
+                    self.write_raw(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                    await self.drain()
+                    if self.closed:
+                        raise asyncio.CancelledError  # the client left: stop producing
+        except BaseException:
+            flow.bytes_out = sent
+            self._must_close = True
+            if self.transport is not None:
+                self.transport.abort()
+            raise
+        finally:
+            close = getattr(chunks, "aclose", None)
+            if close is not None:
+                await close()  # (an async generator's cleanup runs now, not at garbage collection)
+        flow.bytes_out = sent
+        if chunked:
+            self.write_raw(b"0\r\n\r\n")
         return status
 
     async def _fail(self, flow: Flow, err: ProxyError, up: "UpstreamResponse | None",

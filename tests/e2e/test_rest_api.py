@@ -423,3 +423,59 @@ async def test_openapi_document_is_served(env):
     doc = await env.ok(ALICE, "GET", "/api/v1/openapi.json")
     assert doc["openapi"] == "3.1.0" and doc["servers"] == [{"url": env.base}]
     assert f"{API}/messages/{{id}}" in doc["paths"]
+
+
+# ---------------------------------------------------------------------------- export (data portability)
+def mbox_entries(data: bytes) -> list[bytes]:
+    """The messages of an mboxrd file, unquoted (what a mail client importing it would read)."""
+    entries: list[bytes] = []
+    for line in data.splitlines(keepends=True):
+        if line.startswith(b"From MAILER-DAEMON "):
+            entries.append(b"")
+            continue
+        assert entries, "the file starts with a From_ line"
+        if line.startswith(b">") and line.lstrip(b">").startswith(b"From "):
+            line = line[1:]
+        entries[-1] += line
+    return [e[:-1] if e.endswith(b"\n\n") else e for e in entries]
+
+
+async def jmap_total(env: Env, user: str, flt: dict | None = None) -> int:
+    doc = await env.ok(user, "POST", "/jmap/", json={
+        "using": ["urn:ietf:params:jmap:core", "urn:ietf:params:jmap:mail"],
+        "methodCalls": [["Email/query", {"accountId": user, "calculateTotal": True, "limit": 1,
+                                         **({"filter": flt} if flt else {})}, "0"]]})
+    doc = orjson.loads(doc) if isinstance(doc, bytes) else doc
+    return doc["methodResponses"][0][1]["total"]
+
+
+async def test_export_is_every_own_message_as_mboxrd(env):
+    mine, theirs = marker(), marker()
+    await deliver(env, ALICE, mine, text="From the start, a line mbox must quote.\r\n>From quoted too")
+    await deliver(env, BOB, theirs)
+    code, headers, body = await env.call(ALICE, "GET", f"{API}/export")
+    assert code == 200, body[:300]
+    assert headers["Content-Type"] == "application/mbox"
+    assert headers["Transfer-Encoding"] == "chunked"
+    assert headers["Content-Disposition"].startswith('attachment; filename="mail-export-')
+    entries = mbox_entries(body)
+    assert len(entries) == await jmap_total(env, ALICE)
+    ours = [e for e in entries if mine.encode() in e]
+    assert len(ours) == 1
+    # the body comes back as it was, once unquoted; in the file it was quoted
+    assert b"\nFrom the start, a line mbox must quote.\n>From quoted too" in ours[0]
+    assert b"\n>From the start" in body and b"\n>>From quoted too" in body
+    assert b"\r\n" not in ours[0]
+    assert not [e for e in entries if theirs.encode() in e]  # bob's mail is not in alice's export
+
+
+async def test_export_of_one_mailbox(env):
+    await deliver(env, ALICE, marker())
+    boxes = await mailboxes(env, ALICE, fresh=True)
+    code, _, body = await env.call(ALICE, "GET", f"{API}/export?mailbox=inbox")
+    assert code == 200
+    assert len(mbox_entries(body)) == await jmap_total(env, ALICE, {"inMailbox": boxes["inbox"]["id"]})
+    code, headers, body = await env.call(ALICE, "GET", f"{API}/export?mailbox=no-such-box")
+    assert_problem(code, headers, body, 400)
+    code, headers, body = await env.call(ALICE, "GET", f"{API}/export?folder=inbox")
+    assert_problem(code, headers, body, 400)

@@ -844,3 +844,45 @@ async def test_the_guard_checks_the_rewritten_path():
         with pytest.raises(Forbidden):
             await mgr.run("request", flow)
         assert double.seen("/jmap/upload/") == []
+
+
+# ---------------------------------------------------------------------------- export
+@pytest.mark.parametrize("raw, received, want", [
+    (b"Subject: a\r\n\r\nbody\r\n", "2026-11-27T03:04:05Z",
+     b"From MAILER-DAEMON Fri Nov 27 03:04:05 2026\nSubject: a\n\nbody\n\n"),
+    # mboxrd: any number of '>' before "From " gets one more; "From" without the space does not
+    (b"S: a\r\n\r\nFrom here\r\n>From there\r\n>>From x\r\nFromage\r\n From y", "2026-01-05T10:00:00+02:00",
+     b"From MAILER-DAEMON Mon Jan  5 08:00:00 2026\nS: a\n\n>From here\n>>From there\n>>>From x\nFromage\n From y\n\n"),
+    (b"S: a\n\nno final newline", None, b"From MAILER-DAEMON Thu Jan  1 00:00:00 1970\nS: a\n\nno final newline\n\n"),
+])
+def test_mbox_entries(raw, received, want):
+    assert rest.mbox_entry(raw, received) == want
+
+
+def test_export_request_pages_by_anchor():
+    first = rest.export_request("acct", None, None, 200)
+    q = first["methodCalls"][0][1]
+    assert q["sort"] == [{"property": "receivedAt", "isAscending": True}] and q["limit"] == 200
+    assert "anchor" not in q and "filter" not in q
+    nxt = rest.export_request("acct", "box1", "M42", 200)["methodCalls"][0][1]
+    assert (nxt["anchor"], nxt["anchorOffset"], nxt["filter"]) == ("M42", 1, {"inMailbox": "box1"})
+    get = first["methodCalls"][1][1]
+    assert get["#ids"] == {"resultOf": "q", "name": "Email/query", "path": "/ids"}
+
+
+def test_export_page_keeps_the_query_order():
+    r = rest.Responses([("Email/query", {"ids": ["b", "a", "gone"]}, "q"),
+                        ("Email/get", {"list": [{"id": "a", "blobId": "Ba", "receivedAt": "2026-01-01T00:00:00Z"},
+                                                {"id": "b", "blobId": "Bb"}]}, "g")])
+    assert rest.export_page(r) == [("b", "Bb", None), ("a", "Ba", "2026-01-01T00:00:00Z")]
+
+
+@pytest.mark.parametrize("query, want", [("", None), ("mailbox=inbox", "inbox"), ("mailbox=Sent%20Items", "Sent Items")])
+def test_export_query(query, want):
+    assert rest.parse_export_query(query) == want
+
+
+@pytest.mark.parametrize("query", ["mailbox=", "folder=x", "mailbox=a&mailbox=b", "mailbox=%01"])
+def test_bad_export_query(query):
+    with pytest.raises(BadRequest):
+        rest.parse_export_query(query)
