@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = ["MailListenerOptions", "ImapOptions", "SubmissionOptions", "MailOptions", "SaslError",
            "Credentials", "UpstreamLogin", "Grant", "MailGate", "parse_sasl", "sasl_plain",
-           "oauthbearer", "relay", "mail_server_context", "ROUTES", "MAIL_ROUTES", "MailServer"]
+           "oauthbearer", "relay", "close", "mail_server_context", "ROUTES", "MAIL_ROUTES", "MailServer"]
 
 log = logging.getLogger("sge.mail")
 
@@ -242,21 +242,21 @@ def _same_user(given: str, flow: Flow) -> bool:
     return g in {ident.subject.casefold(), ident.login.casefold()}
 
 
-def upstream_login(flow: Flow, creds: Credentials) -> UpstreamLogin:
-    """The upstream credentials the chain left on the flow: upstream_identity's Authorization
-    (Basic: PLAIN, with Authorize-As as the authorization identity; Bearer: OAUTHBEARER), or,
-    when no addon replaced what the client sent (an empty chain), the client's own."""
-    req = flow.request
-    authz = req.header("Authorization") or ""
-    scheme, _, value = authz.partition(" ")
-    ours = authz == f"Bearer {creds.secret}"  # what MailGate put there: nobody replaced it
-    if ours:
-        if flow.identity is not None:
+def upstream_login(flow: Flow, creds: Credentials, mode: str | None,
+                   pairs: "list[tuple[str, str]]") -> UpstreamLogin:
+    """The credentials to log in upstream with: what upstream_identity (`mode`, None when the
+    chain has none) gives for this flow's user and server (`pairs`, its header pairs: Basic is
+    SASL PLAIN with Authorize-As as the authorization identity, Bearer is OAUTHBEARER), or the
+    client's own in passthrough and with an empty chain. Pure."""
+    if mode is None or mode == "passthrough":
+        if mode is None and flow.identity is not None:
             raise LoginRefused(502, "No upstream identity is configured for mail logins "
                                     "(addons.upstream_identity).", flow)
         if creds.kind == "bearer":
             return UpstreamLogin("OAUTHBEARER", creds.user or "", creds.secret)
         return UpstreamLogin("PLAIN", creds.user or "", creds.secret, creds.authzid)
+    headers = {k.lower(): v for k, v in pairs}
+    scheme, _, value = (headers.get("authorization") or "").partition(" ")
     if scheme.lower() == "basic":
         try:
             user, sep, password = base64.b64decode(value, validate=True).decode("utf-8").partition(":")
@@ -264,7 +264,7 @@ def upstream_login(flow: Flow, creds: Credentials) -> UpstreamLogin:
             raise LoginRefused(502, "The upstream identity is not usable for mail.", flow) from None
         if not sep:
             raise LoginRefused(502, "The upstream identity is not usable for mail.", flow)
-        return UpstreamLogin("PLAIN", user, password, req.header("Authorize-As"))
+        return UpstreamLogin("PLAIN", user, password, headers.get("authorize-as"))
     if scheme.lower() == "bearer" and value:
         ident = flow.identity
         return UpstreamLogin("OAUTHBEARER", ident.login if ident is not None else (creds.user or ""), value)
@@ -310,7 +310,10 @@ class MailGate:
                 raise LoginRefused(status, "Login refused.", flow)
             if creds.user is not None and not _same_user(creds.user, flow):
                 raise LoginRefused(401, "The user name does not match the credential.", flow)
-            login = upstream_login(flow, creds)
+            ui = mgr.get("upstream_identity")
+            mode = ui.plan(flow).mode if ui is not None else None
+            pairs = ui.credentials(flow) if ui is not None and mode != "passthrough" else []
+            login = upstream_login(flow, creds, mode, pairs)
             primary = flow.upstream or eng.default_target
             fallbacks = list(flow.metadata.get(FALLBACKS) or ())
             first, _ = eng.health.pick(primary, fallbacks, time.monotonic())

@@ -98,14 +98,9 @@ def test_capabilities_after_login(text, want):
     assert client_capabilities(text) == want
 
 
-def flow_with(authz: str | None, *, identity: Identity | None, extra: list[tuple[str, str]] = ()) -> Flow:
-    raw = [(b"authorization", b"Authorization", b"Bearer client-secret")]
-    f = Flow(Request("IMAP", "/mail/imap", raw=raw), id="t")
+def flow_with(identity: Identity | None) -> Flow:
+    f = Flow(Request("IMAP", "/mail/imap", raw=[(b"authorization", b"Authorization", b"Bearer client-secret")]), id="t")
     f.identity = identity
-    if authz is not None:
-        f.request.set_header("Authorization", authz)
-    for name, value in extra:
-        f.request.set_header(name, value)
     return f
 
 
@@ -114,33 +109,39 @@ BASIC = "Basic " + b64(b"admin:adminpw")
 IMPERSONATE = "Basic " + b64(b"alice@example.com%sge-proxy:impsecret")
 
 
-@pytest.mark.parametrize("authz, extra, identity, creds, want", [
+@pytest.mark.parametrize("mode, pairs, identity, creds, want", [
     # authorize-as (Cyrus): PLAIN with the user as the authorization identity
-    (BASIC, [("Authorize-As", "alice@example.com")], ALICE, Credentials("alice@example.com", "client-secret"),
-     UpstreamLogin("PLAIN", "admin", "adminpw", "alice@example.com")),
+    ("authorize-as", [("Authorization", BASIC), ("Authorize-As", "alice@example.com")], ALICE,
+     Credentials("alice@example.com", "client-secret"), UpstreamLogin("PLAIN", "admin", "adminpw", "alice@example.com")),
     # impersonate (Stalwart): the `%` login as the authentication identity
-    (IMPERSONATE, [], ALICE, Credentials(None, "client-secret", "bearer"),
+    ("impersonate", [("Authorization", IMPERSONATE)], ALICE, Credentials(None, "client-secret", "bearer"),
      UpstreamLogin("PLAIN", "alice@example.com%sge-proxy", "impsecret", None)),
-    # jwt / bearer: OAUTHBEARER for the user's login
-    ("Bearer upstream-token", [], ALICE, Credentials("alice@example.com", "client-secret"),
+    # jwt: OAUTHBEARER for the user's login with the token made for the server
+    ("jwt", [("Authorization", "Bearer upstream-token")], ALICE, Credentials("alice@example.com", "client-secret"),
      UpstreamLogin("OAUTHBEARER", "alice@example.com", "upstream-token")),
-    # an empty chain: the client's own credentials, as they came
+    # bearer: the client's own token, passed on as OAUTHBEARER (the same value the client gave)
+    ("bearer", [("authorization", "Bearer client-secret")], ALICE, Credentials(None, "client-secret", "bearer"),
+     UpstreamLogin("OAUTHBEARER", "alice@example.com", "client-secret")),
+    # passthrough, or an empty chain: the client's own credentials, as they came
+    ("passthrough", [], ALICE, Credentials("alice", "client-secret", "password", "z"),
+     UpstreamLogin("PLAIN", "alice", "client-secret", "z")),
     (None, [], None, Credentials("alice", "client-secret", "password", "z"),
      UpstreamLogin("PLAIN", "alice", "client-secret", "z")),
     (None, [], None, Credentials("alice", "client-secret", "bearer"),
      UpstreamLogin("OAUTHBEARER", "alice", "client-secret")),
 ])
-def test_upstream_login(authz, extra, identity, creds, want):
-    assert upstream_login(flow_with(authz, identity=identity, extra=extra), creds) == want
+def test_upstream_login(mode, pairs, identity, creds, want):
+    assert upstream_login(flow_with(identity), creds, mode, pairs) == want
 
 
-@pytest.mark.parametrize("authz, identity", [
-    (None, ALICE),                      # authenticated, but no upstream identity replaced the credential
-    ("Basic " + b64(b"no-colon"), ALICE),
-    ("Basic %%%", ALICE),
-    ("Negotiate abc", ALICE),
+@pytest.mark.parametrize("mode, pairs", [
+    (None, []),                         # authenticated, but no upstream_identity in the chain
+    ("none", []),                       # upstream_identity says: no credentials
+    ("impersonate", [("Authorization", "Basic " + b64(b"no-colon"))]),
+    ("impersonate", [("Authorization", "Basic %%%")]),
+    ("jwt", [("Authorization", "Negotiate abc")]),
 ])
-def test_upstream_login_refused(authz, identity):
+def test_upstream_login_refused(mode, pairs):
     with pytest.raises(LoginRefused) as e:
-        upstream_login(flow_with(authz, identity=identity), Credentials("alice", "client-secret"))
+        upstream_login(flow_with(ALICE), Credentials("alice", "client-secret"), mode, pairs)
     assert e.value.status == 502
