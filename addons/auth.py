@@ -14,6 +14,7 @@ import asyncio
 import getpass
 import ipaddress
 import logging
+import math
 import re
 import sys
 import time
@@ -25,11 +26,12 @@ from urllib.parse import urlsplit
 import yaml
 from multidict import CIMultiDict
 
-from proxy.errors import ConfigError, Unauthorized
+from proxy.errors import ConfigError, TooManyRequests, Unauthorized
 from proxy.http1 import scrub_request
 from proxy.identity import Identity
 from proxy.jwks import JwksCache, JwksUnavailable
 from proxy.options import build
+from proxy.ratelimit import FailureBans
 from proxy.secrets import SecretError
 from proxy.tokens import (REASONS, SUPPORTED_ALGORITHMS, ApiKeyRecord, ApiKeySource, ApiKeyStore, AuthFailure,
                           ClaimRules, HeaderMemo, InlineKeySource, JwtPolicy, KeySet, TokenCache, VerifyKey,
@@ -108,6 +110,10 @@ def credential_of(authz: list[str], keys: list[str], bearer_prefix: str,
     if bearer_prefix and bearer.startswith(bearer_prefix):
         return "api_key", bearer
     return "jwt", bearer
+
+
+# refusals that are not a guess at a credential: no credential at all, or our own JWKS trouble
+_NOT_GUESSES = frozenset({"missing", "jwks_unavailable"})
 
 
 def _scrub_keeps(name: str) -> bool:
@@ -228,6 +234,31 @@ class ApiKeyOptions:
 
 
 @dataclass(frozen=True, kw_only=True)
+class BanOptions:
+    """addons.auth.bans: an address that presents bad credentials `failures` times within
+    `window` is refused (429) for `ban`, whatever it presents: Stalwart's own authentication ban,
+    which the proxy would otherwise hide (a bad token never reaches the server). A request
+    without credentials is not a failure. `exempt`: CIDRs never banned (a load balancer in front,
+    monitoring). `failures: 0` turns bans off."""
+    failures: int = 20
+    window: float = field(default=300.0, metadata={"kind": "duration"})
+    ban: float = field(default=900.0, metadata={"kind": "duration"})
+    exempt: tuple[str, ...] = ()
+    max_addresses: int = 100_000
+
+    def __post_init__(self) -> None:
+        if self.failures < 0:
+            raise ConfigError("failures", "must not be negative")
+        if self.window <= 0 or self.ban <= 0:
+            raise ConfigError("window", "window and ban must be positive durations")
+        for n in self.exempt:
+            try:
+                ipaddress.ip_network(n, strict=False)
+            except ValueError:
+                raise ConfigError("exempt", f"{n!r} is not an address or CIDR") from None
+
+
+@dataclass(frozen=True, kw_only=True)
 class AuthOptions:
     """addons.auth. `required: false` lets a request without credentials through without an
     identity; `public_paths` does the same for exactly these paths. A credential that is presented
@@ -239,6 +270,7 @@ class AuthOptions:
     # browsers cannot set Authorization on a WebSocket: accept a bearer token offered as the
     # subprotocol "sge.bearer.<token>" on upgrades (removed before the request goes upstream)
     websocket_protocol_credentials: bool = False
+    bans: BanOptions = field(default_factory=BanOptions)
 
     def __post_init__(self) -> None:
         if self.required and not (self.jwt.enabled or self.api_keys.enabled):
@@ -359,6 +391,7 @@ class Auth:
         self._failures: dict[str, Any] = {}
         self._success: dict[str, Any] = {}
         self._api_raw: bytes | None = None  # the API key header's lower-cased name, when raw-readable
+        self._bans: FailureBans | None = None
 
     async def load(self, loader: "Loader") -> None:
         self._audit = loader.audit
@@ -372,7 +405,7 @@ class Auth:
         self._memo = HeaderMemo(min(jwt_o.cache_size, self.MEMO_SIZE))
         m = loader.metrics
         failures = m.counter("sge_proxy_auth_failures_total", "Refused credentials by reason.", ("reason",))
-        self._failures = {r: failures.labels(r) for r in REASONS}
+        self._failures = {r: failures.labels(r) for r in (*REASONS, "banned")}
         success = m.counter("sge_proxy_auth_success_total", "Accepted credentials by method.", ("method",))
         self._success = {k: success.labels(k) for k in ("jwt", "api_key")}
         if jwt_o.jwks_url:
@@ -400,6 +433,12 @@ class Auth:
         self._public = frozenset(opts.public_paths)
         self._api_raw = api_o.header.lower().encode("latin-1") if _scrub_keeps(api_o.header) else None
         self._spawn = loader.spawn
+        b = opts.bans
+        if b.failures:
+            bans = self._bans = FailureBans(b.failures, b.window, b.ban, exempt=b.exempt, size=b.max_addresses)
+            self._banned = m.counter("sge_proxy_auth_bans_total", "Addresses banned for failed authentication.")
+            m.gauge("sge_proxy_auth_banned_addresses", "Addresses banned now (addons.auth.bans).").set_function(
+                lambda: float(len(bans)))
         self._opts = opts
         if api_o.secret_path is not None and self._store is not None:
             loader.spawn(self._refresh_keys(sources, api_o.refresh_interval), "api-key-refresh")
@@ -425,6 +464,13 @@ class Auth:
         (a cache miss): a cached token or an API key costs no task switch."""
         opts = self._opts
         assert opts is not None, "auth addon used before load"
+        bans = self._bans
+        if bans is not None and bans.active:
+            left = bans.banned(flow.client_addr)
+            if left is not None:
+                self._failures["banned"].inc()
+                raise TooManyRequests("Too many failed authentications from this address.",
+                                      headers={"Retry-After": str(math.ceil(left))})
         req = flow.request
         if req.websocket and opts.websocket_protocol_credentials:
             try:
@@ -529,6 +575,13 @@ class Auth:
     def _refuse(self, flow: "Flow", e: AuthFailure) -> None:
         self._failures[e.reason].inc()
         self._audit("auth.refused", flow, reason=e.reason)
+        bans = self._bans
+        if bans is not None and e.reason not in _NOT_GUESSES and bans.failed(flow.client_addr):
+            self._banned.inc()
+            self._audit("auth.banned", flow, address=flow.client_addr, failures=bans.failures,
+                        window_s=bans.window, ban_s=bans.ban)
+            log.warning("address %s banned for %ss after %d failed authentications in %ss",
+                        flow.client_addr, bans.ban, bans.failures, bans.window)
         level = logging.WARNING if e.reason == "jwks_unavailable" else logging.INFO
         log.log(level, "authentication refused: reason=%s request_id=%s (%s)", e.reason, flow.id, e)
         if e.reason == "missing":

@@ -12,16 +12,19 @@ order. A released slot goes straight to the first waiter, so a newcomer cannot o
 from __future__ import annotations
 
 import enum
+import ipaddress
 import math
 import re
+import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
+from .cache import TTLCache
 from .errors import ConfigError
 
 __all__ = ["Limit", "Decision", "parse_rate", "refill", "take", "verdict", "MemoryBuckets",
-           "Admission", "Slots"]
+           "Admission", "Slots", "FailureBans"]
 
 _PERIODS = {"s": 1.0, "sec": 1.0, "second": 1.0, "m": 60.0, "min": 60.0, "minute": 60.0,
             "h": 3600.0, "hour": 3600.0, "d": 86400.0, "day": 86400.0}
@@ -237,3 +240,58 @@ class Slots:
         if not q:
             del self._waiting[key]
         return True
+
+
+# ---------------------------------------------------------------------------- failed-login bans
+class FailureBans:
+    """An address that fails authentication `failures` times within `window` seconds (counted
+    from its first failure) is banned for `ban` seconds. Addresses in `exempt` (CIDRs) are never
+    banned. At most `size` addresses are remembered in each table, the least recently seen
+    forgotten first. Sans-IO: the clock is injected."""
+
+    def __init__(self, failures: int, window: float, ban: float, *, exempt: Sequence[str] = (),
+                 size: int = 100_000, clock: Callable[[], float] = time.monotonic) -> None:
+        self.failures, self.window, self.ban = failures, window, ban
+        self._clock = clock
+        self._counts: TTLCache[str, list[int]] = TTLCache(size, window, clock)
+        self._bans: TTLCache[str, float] = TTLCache(size, ban, clock)
+        self._exempt = tuple(ipaddress.ip_network(n, strict=False) for n in exempt)
+
+    @property
+    def active(self) -> bool:
+        """Whether any ban may be in force (a request costs one attribute test when none is)."""
+        return len(self._bans) > 0
+
+    def banned(self, addr: str) -> float | None:
+        """Seconds left of `addr`'s ban, or None."""
+        until = self._bans.get(addr)
+        if until is None:
+            return None
+        return max(until - self._clock(), 0.001)
+
+    def failed(self, addr: str) -> bool:
+        """Count a failure of `addr`; True when it starts a ban."""
+        if self._exempt and self._is_exempt(addr):
+            return False
+        count = self._counts.get(addr)
+        if count is None:
+            count = [0]
+            self._counts.put(addr, count)  # the window starts at the first failure
+        count[0] += 1
+        if count[0] < self.failures:
+            return False
+        self._counts.pop(addr)
+        self._bans.put(addr, self._clock() + self.ban)
+        return True
+
+    def _is_exempt(self, addr: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            return False
+        return any(ip in net for net in self._exempt)
+
+    def __len__(self) -> int:
+        """Addresses banned now (expired ones may linger until looked at or evicted)."""
+        now = self._clock()
+        return sum(1 for until, _ in self._bans._data.values() if until > now)
