@@ -270,7 +270,7 @@ class ImapServer(MailServer):
         audit = self.engine.audit
         try:
             grant = await self.gate.login(creds, peer)
-            target, ur, uw = await self.gate.connect(self.opts, grant)
+            target, ur, uw = await self.gate.connect(self.opts, grant, mail.endpoints(writer))
         except LoginRefused as e:
             if e.flow is not None:
                 audit.event("mail.login_refused", e.flow, protocol="imap", status=e.status, mechanism=mech)

@@ -19,8 +19,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import ipaddress
 import logging
 import ssl
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = ["MailListenerOptions", "ImapOptions", "SubmissionOptions", "MailOptions", "SaslError",
            "Credentials", "UpstreamLogin", "Grant", "MailGate", "parse_sasl", "sasl_plain",
-           "oauthbearer", "relay", "close", "mail_server_context", "ROUTES", "MAIL_ROUTES", "MailServer"]
+           "oauthbearer", "relay", "close", "proxy_header", "endpoints", "mail_server_context", "ROUTES", "MAIL_ROUTES", "MailServer"]
 
 log = logging.getLogger("sge.mail")
 
@@ -59,6 +61,9 @@ class MailListenerOptions:
       JMAP URL and this port, over TLS with the client certificate (implicit) or, for a server on
       this machine's loopback only, in clear (none). `upstreams` names another HOST:PORT per target
       name (the routes' server names: official, tenant:acme, ...).
+    upstream_proxy_protocol: v1 or v2 sends HAProxy's PROXY protocol header first, so that the
+      server sees the client's address (Stalwart's per-address limits, bans and logs) instead of
+      the proxy's; the server must be told to expect it from the proxy.
     allow_plaintext_auth: accept credentials on a connection without TLS (loopback testing).
     login_timeout: the whole pre-login dialogue; idle_timeout: no byte either way after it.
     """
@@ -67,6 +72,7 @@ class MailListenerOptions:
     upstream_port: int = 993
     upstream_tls: Literal["implicit", "none"] = "implicit"
     upstreams: dict[str, str] = field(default_factory=dict)
+    upstream_proxy_protocol: Literal["off", "v1", "v2"] = "off"
     allow_plaintext_auth: bool = False
     login_timeout: float = field(default=60.0, metadata={"kind": "duration"})
     idle_timeout: float = field(default=1860.0, metadata={"kind": "duration"})
@@ -335,10 +341,11 @@ class MailGate:
             return host.strip("[]"), int(port)
         return target.host, opts.upstream_port
 
-    async def connect(self, opts: MailListenerOptions, grant: Grant
+    async def connect(self, opts: MailListenerOptions, grant: Grant, client: "Endpoints | None" = None
                       ) -> tuple["Target", asyncio.StreamReader, asyncio.StreamWriter]:
         """A connection to the first of the route's servers that takes one (TLS with the client
-        certificate unless upstream_tls is none)."""
+        certificate unless upstream_tls is none), the PROXY protocol header first when asked for
+        (`client`: the client connection's peer and local addresses)."""
         eng = self.engine
         last: Exception | None = None
         for target in grant.targets:
@@ -353,11 +360,17 @@ class MailGate:
                 ctx = eng.tls.ctx
                 if ctx is None:
                     raise LoginRefused(503, "No client certificate is loaded.", grant.flow)
+            limit = max(opts.max_line, 65536)
             try:
                 async with asyncio.timeout(eng.config.stalwart.connect_timeout):
-                    reader, writer = await asyncio.open_connection(
-                        host, port, ssl=ctx, server_hostname=target.host if ctx else None,
-                        limit=max(opts.max_line, 65536))
+                    if opts.upstream_proxy_protocol == "off" or client is None:
+                        reader, writer = await asyncio.open_connection(
+                            host, port, ssl=ctx, server_hostname=target.host if ctx else None, limit=limit)
+                    else:  # the header goes before the TLS handshake, on the bare TCP connection
+                        reader, writer = await asyncio.open_connection(host, port, limit=limit)
+                        writer.write(proxy_header(opts.upstream_proxy_protocol, *client))
+                        if ctx is not None:
+                            await writer.start_tls(ctx, server_hostname=target.host)
             except (OSError, TimeoutError) as e:
                 last = e
                 eng.audit.event("mail.upstream_failed", grant.flow, server=f"{host}:{port}",
@@ -369,8 +382,40 @@ class MailGate:
         raise LoginRefused(503, "The mail server is unavailable.", grant.flow) from last
 
 
+Endpoints = tuple[tuple[str, int], tuple[str, int]]  # (client's address, port), (ours it reached)
+_PROXY_V2 = b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def proxy_header(version: str, src: tuple[str, int], dst: tuple[str, int]) -> bytes:
+    """HAProxy's PROXY protocol header (v1 text, v2 binary) for a TCP connection from `src` to
+    `dst`. Addresses of different families (or not IP at all) give the header for an unknown
+    source (v1 UNKNOWN, v2 LOCAL): the server then uses the connection's own. Pure."""
+    try:
+        s_ip, d_ip = ipaddress.ip_address(src[0]), ipaddress.ip_address(dst[0])
+    except ValueError:
+        s_ip = d_ip = None  # type: ignore[assignment]
+    same = s_ip is not None and s_ip.version == d_ip.version
+    if version == "v1":
+        if not same:
+            return b"PROXY UNKNOWN\r\n"
+        fam = "TCP4" if s_ip.version == 4 else "TCP6"
+        return f"PROXY {fam} {s_ip} {d_ip} {src[1]} {dst[1]}\r\n".encode("ascii")
+    if not same:
+        return _PROXY_V2 + b"\x20\x00" + struct.pack("!H", 0)  # LOCAL, UNSPEC
+    fam = 0x11 if s_ip.version == 4 else 0x21  # TCP over IPv4 / IPv6
+    body = s_ip.packed + d_ip.packed + struct.pack("!HH", src[1], dst[1])
+    return _PROXY_V2 + bytes([0x21, fam]) + struct.pack("!H", len(body)) + body
+
+
+def endpoints(writer: asyncio.StreamWriter) -> Endpoints | None:
+    """The client connection's (peer, local) addresses, for the PROXY protocol header."""
+    peer, local = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
+    if not peer or not local:
+        return None
+    return (str(peer[0]), int(peer[1])), (str(local[0]), int(local[1]))
+
+
 def _loopback(host: str) -> bool:
-    import ipaddress
     if host == "localhost":
         return True
     try:

@@ -266,7 +266,7 @@ class SubmissionServer(MailServer):
         audit = self.engine.audit
         try:
             grant = await self.gate.login(creds, conn.peer)
-            target, ur, uw = await self.gate.connect(self.opts, grant)
+            target, ur, uw = await self.gate.connect(self.opts, grant, mail.endpoints(conn.writer))
         except LoginRefused as e:
             audit.event("mail.login_refused", e.flow, protocol="submission", status=e.status, mechanism=mech)
             if e.flow is not None:

@@ -54,6 +54,7 @@ class MailServer:
     delivered: list[Delivered] = field(default_factory=list)
     bearers: dict[str, str] = field(default_factory=dict)  # OAUTHBEARER: user -> token taken
     after_error: list[bytes] = field(default_factory=list)  # the answers to its error challenges
+    proxied: list = field(default_factory=list)  # PROXY protocol headers received (aiosmtpd's ProxyData)
 
     def authenticate(self, server, session, envelope, mechanism, data) -> AuthResult:
         user, password = data.login.decode(), data.password.decode()
@@ -76,6 +77,10 @@ class MailServer:
             return AuthResult(success=True)
         self.after_error.append(await server.challenge_auth('{"status":"invalid_token"}'))
         return AuthResult(success=False, handled=False)
+
+    async def handle_PROXY(self, server, session, envelope, proxy_data) -> bool:
+        self.proxied.append(proxy_data)  # (only with proxy_protocol_timeout: see the PROXY test)
+        return True
 
     async def handle_DATA(self, server, session, envelope) -> str:
         self.delivered.append(Delivered(envelope.mail_from, envelope.rcpt_tos, envelope.content,
@@ -495,3 +500,29 @@ async def test_shutdown_answers_421_to_a_session_waiting_for_its_login(make_prox
     assert await c.rest() == b""
     c.close()
     await stopping
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+async def test_proxy_protocol_tells_the_server_the_clients_address(make_proxy, idp, tls, version):
+    """upstream_proxy_protocol: the server (aiosmtpd, which parses both versions) learns the
+    client's address and port, not the proxy's."""
+    ms = MailServer({f"{ALICE}%{IMPERSONATOR}": SECRET})
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: SMTP(ms, hostname="upstream.test", authenticator=ms.authenticate, auth_require_tls=False,
+                     proxy_protocol_timeout=5, loop=loop), "127.0.0.1", 0)
+    try:
+        _, port = await make_proxy(mail_port=server.sockets[0].getsockname()[1],
+                                   **{"mail.submission.upstream_proxy_protocol": version})
+        c = await secured(port, tls)
+        client_port = c.writer.get_extra_info("sockname")[1]
+        assert (await c.cmd(f"AUTH PLAIN {plain(ALICE, token(idp))}"))[0] == 235
+        await c.submit()
+        c.close()
+        [pd] = ms.proxied
+        assert pd.version == int(version[1]) and pd.valid
+        assert (str(pd.src_addr), pd.src_port) == ("127.0.0.1", client_port)
+        assert pd.dst_port == port
+        delivered_once(ms)
+    finally:
+        server.close()

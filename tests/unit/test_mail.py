@@ -9,7 +9,7 @@ import pytest
 from proxy.flow import Flow, Request
 from proxy.identity import Identity
 from proxy.imap import ImapSyntax, client_capabilities, literal_of, parse_command
-from proxy.mail import (Credentials, LoginRefused, SaslError, UpstreamLogin, oauthbearer, parse_sasl,
+from proxy.mail import (Credentials, LoginRefused, SaslError, UpstreamLogin, oauthbearer, parse_sasl, proxy_header,
                         sasl_plain, upstream_login)
 
 
@@ -145,3 +145,17 @@ def test_upstream_login_refused(mode, pairs):
     with pytest.raises(LoginRefused) as e:
         upstream_login(flow_with(ALICE), Credentials("alice", "client-secret"), mode, pairs)
     assert e.value.status == 502
+
+
+@pytest.mark.parametrize("version, src, dst, want", [
+    ("v1", ("192.0.2.7", 51000), ("127.0.0.1", 1143), b"PROXY TCP4 192.0.2.7 127.0.0.1 51000 1143\r\n"),
+    ("v1", ("2001:db8::7", 51000), ("::1", 993), b"PROXY TCP6 2001:db8::7 ::1 51000 993\r\n"),
+    ("v1", ("2001:db8::7", 1), ("127.0.0.1", 2), b"PROXY UNKNOWN\r\n"),
+    ("v2", ("192.0.2.7", 51000), ("127.0.0.1", 1143),
+     b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c" + bytes([192, 0, 2, 7, 127, 0, 0, 1]) + b"\xc7\x38\x04\x77"),
+    ("v2", ("::1", 1), ("::1", 2),
+     b"\r\n\r\n\x00\r\nQUIT\n\x21\x21\x00\x24" + bytes(15) + b"\x01" + bytes(15) + b"\x01" + b"\x00\x01\x00\x02"),
+    ("v2", ("not-an-ip", 1), ("127.0.0.1", 2), b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"),
+])
+def test_proxy_protocol_headers(version, src, dst, want):
+    assert proxy_header(version, src, dst) == want
