@@ -6,6 +6,7 @@ one line naming the key and where it came from.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,6 +232,8 @@ class Config:
     listen: str = "127.0.0.1:8080"
     admin_listen: str = "127.0.0.1:9901"
     public_url: str | None = None
+    # load balancers in front whose X-Forwarded-For is believed (CIDRs); empty: the TCP peer is the client
+    trusted_proxies: tuple[str, ...] = ()
     tls: TLSOptions = field(default_factory=TLSOptions)
     stalwart: StalwartOptions = field(default_factory=StalwartOptions)
     limits: LimitOptions = field(default_factory=LimitOptions)
@@ -255,6 +258,11 @@ class Config:
     def __post_init__(self) -> None:
         parse_listen(self.listen, "listen")
         parse_listen(self.admin_listen, "admin_listen")
+        for i, cidr in enumerate(self.trusted_proxies):
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ConfigError(f"trusted_proxies[{i}]", f"{cidr!r} is not an address or CIDR") from None
         for proto in ("imap", "submission"):
             if (addr := getattr(self.mail, proto).listen) is not None:
                 parse_listen(addr, f"mail.{proto}.listen")
@@ -413,5 +421,7 @@ def load_config(path: str | Path | None = None, *, env: Mapping[str, str] | None
     except ConfigError as e:
         if e.key in origin:  # say where the bad value came from
             raise ConfigError(e.key, e.reason, source=origin[e.key]) from None
+        if e.source is None and source is not None:  # (checks across keys name no file themselves)
+            raise ConfigError(e.key, e.reason, source=source) from None
         raise
     return cfg

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from .accesslog import AccessLog
 from .addonmanager import AddonManager, resolve_spec
 from .errors import ConfigError
+from .http1 import TrustedProxies
 from .metrics import Metrics
 from .reload import Generation, ReloadResult, keep_running, plan_reload
 from .rotation import CertificateRotator, FileCertSource, PkiCertSource, SecretCertSource
@@ -109,6 +110,7 @@ class Engine:
         self.config_loader = config_loader or (lambda: self.loaded_config)
         self.worker: int | None = None  # index under a --workers supervisor: shares the port
         self.default_target = config.default_target()
+        self.trusted_proxies = TrustedProxies(config.trusted_proxies)
         self.jmap_path = s.jmap_path
         self.secrets = build_secret_source(config, self.metrics)
         self.addons.secrets = self.secrets

@@ -1,15 +1,17 @@
 """HTTP/1.1 message rules the proxy applies on both legs. Sans-IO: headers in, headers/bytes out."""
 from __future__ import annotations
 
+import ipaddress
 import re
 from http import HTTPStatus
+from typing import Sequence
 
 from multidict import CIMultiDict
 
 __all__ = ["HOP_BY_HOP", "RESPONSE_SCRUBBED", "names_headers", "request_scrubber", "response_scrubber",
            "status_line", "scrub_request", "scrub_response", "request_head", "response_head",
            "valid_request_id", "reason_phrase", "connection_tokens", "rewrite_location",
-           "raw_request_head", "raw_response_head", "trace_id_of"]
+           "raw_request_head", "raw_response_head", "trace_id_of", "TrustedProxies", "forwarded_client"]
 
 # RFC 9110 §7.6.1 plus the classic hop-by-hop list; Proxy-* are all dropped by prefix.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade",
@@ -246,3 +248,42 @@ def status_line(status: int, reason: str) -> bytes:
         if len(_STATUS_LINES) < 256:
             _STATUS_LINES[(status, reason)] = line
     return line
+
+
+# ---------------------------------------------------------------------------- trusted proxies
+class TrustedProxies:
+    """The networks whose X-Forwarded-For the proxy believes (config `trusted_proxies`): a load
+    balancer in front. Empty: nobody's (the TCP peer is the client)."""
+
+    def __init__(self, cidrs: "Sequence[str]") -> None:
+        self._nets = tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+
+    def __bool__(self) -> bool:
+        return bool(self._nets)
+
+    def __contains__(self, addr: str) -> bool:
+        try:
+            ip = ipaddress.ip_address(addr)
+        except ValueError:
+            return False
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in n for n in self._nets)
+
+
+def forwarded_client(peer: str, values: "Sequence[bytes]", trusted: TrustedProxies) -> str:
+    """The client's address when `peer` is a trusted proxy: X-Forwarded-For (every header's
+    values, in order) read from the right, trusted hops skipped; the first address that is not
+    trusted is the client (nginx's real_ip_recursive). A malformed entry ends the walk: what lies
+    left of it was written by no one the proxy trusts, so the last good hop stands. Pure."""
+    client = peer
+    hops = [h.strip() for v in values for h in v.decode("latin-1").split(",")]
+    for hop in reversed(hops):
+        try:
+            ip = ipaddress.ip_address(hop)
+        except ValueError:
+            break
+        client = str(ip)
+        if client not in trusted:
+            break
+    return client

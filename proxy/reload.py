@@ -22,7 +22,7 @@ __all__ = ["Generation", "ReloadPlan", "ReloadResult", "RESTART_KEYS", "UPSTREAM
 
 # what is bound or built once per process: a change is reported and the running value kept
 RESTART_KEYS = frozenset({"listen", "admin_listen", "workers", "tls", "secrets", "certificates", "access_log",
-                          "audit_log", "mail"})
+                          "audit_log", "mail", "trusted_proxies"})
 # what the upstream client context is built from: applied (new ClientTLS and pool) when the
 # certificate comes from files, else built by the rotator from Vault and left to a restart
 UPSTREAM_TLS_KEYS = frozenset({"stalwart.client_cert", "stalwart.client_key", "stalwart.ca_cert",

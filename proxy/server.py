@@ -20,8 +20,8 @@ from multidict import CIMultiDict
 from .errors import (BadRequest, HeadersTooLarge, InternalError, PayloadTooLarge, ProxyError,
                      UpstreamProtocolError, UpstreamTimeout, UpstreamTooLarge, to_response)
 from .flow import Flow, Request, Response
-from .http1 import (names_headers, reason_phrase, request_head, request_scrubber, response_head, response_scrubber,
-                    rewrite_location, status_line, trace_id_of, valid_request_id)
+from .http1 import (forwarded_client, names_headers, reason_phrase, request_head, request_scrubber, response_head,
+                    response_scrubber, rewrite_location, status_line, trace_id_of, valid_request_id)
 from .breaker import Circuit
 from .health import FALLBACKS
 from .jmap import route_class
@@ -91,6 +91,11 @@ def _host_line(target: "Target") -> bytes:
         if len(_HOST_LINES) < 1024:
             _HOST_LINES[target.key] = line
     return line
+
+
+def _forwarded(client: str, scheme: str) -> bytes:
+    """The X-Forwarded-For and X-Forwarded-Proto lines the upstream gets: exactly one of each."""
+    return f"X-Forwarded-For: {client}\r\nX-Forwarded-Proto: {scheme}\r\n".encode("latin-1")
 
 
 def new_request_id() -> str:
@@ -187,6 +192,7 @@ class HttpProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.peer = ""
+        self._trusted = False  # the peer is a trusted proxy: its X-Forwarded-For names the client
         self.closed = False
         self._url = b""
         self._limits = engine.config.limits
@@ -227,7 +233,9 @@ class HttpProtocol(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         peer = transport.get_extra_info("peername")
         self.peer = peer[0] if peer else ""
-        self._forwarded = f"X-Forwarded-For: {self.peer}\r\nX-Forwarded-Proto: {self.scheme}\r\n".encode("latin-1")
+        self._forwarded = _forwarded(self.peer, self.scheme)
+        trusted = self.engine.trusted_proxies
+        self._trusted = bool(trusted) and self.peer in trusted
         self.engine.connections.add(self)
         self._arm(self.engine.config.limits.keepalive_timeout)
 
@@ -380,8 +388,13 @@ class HttpProtocol(asyncio.Protocol):
         method = parser.get_method().decode("ascii", "replace")
         target = self._url.decode("latin-1")
         host = h.get(b"host")
+        client = self.peer
+        if self._trusted:  # a load balancer in front: the client is in its X-Forwarded-For
+            xff = [v for ln, _, v in self._headers if ln == b"x-forwarded-for"]
+            if xff:
+                client = forwarded_client(client, xff, self.engine.trusted_proxies)
         req = Request(method, target, raw=self._headers, http_version=parser.get_http_version(),
-                      scheme=self.scheme, host=host.decode("latin-1") if host else "", peer=self.peer)
+                      scheme=self.scheme, host=host.decode("latin-1") if host else "", peer=client)
         req.raw_connection = self._names
         if parser.should_upgrade() and b"upgrade" in h and not (b"content-length" in h or b"transfer-encoding" in h):
             req.websocket = websocket.is_websocket_upgrade(method, h.get(b"upgrade"), h.get(b"sec-websocket-key"),
@@ -404,7 +417,7 @@ class HttpProtocol(asyncio.Protocol):
         rid = rid_b.decode("latin-1") if rid_b is not None else None
         if rid is None or not valid_request_id(rid):
             rid = new_request_id()
-        flow = Flow(req, id=rid, client_addr=self.peer)  # type: ignore[arg-type]
+        flow = Flow(req, id=rid, client_addr=client)  # type: ignore[arg-type]
         flow.route = route_class(req.path, self.engine.jmap_path)
         tp = h.get(b"traceparent")
         if tp is not None:  # (passed on as it came; its trace id goes into the logs)
@@ -976,7 +989,8 @@ class HttpProtocol(asyncio.Protocol):
             h.extend(framing)
             return request_head(req.method, upath, h)
         # nobody looked: forward the parser's bytes, scrubbed the same way
-        add = [_host_line(target), self._forwarded, b"X-Request-ID: ", flow.id.encode("latin-1"), b"\r\n"]
+        fwd = self._forwarded if req.peer == self.peer else _forwarded(req.peer, self.scheme)
+        add = [_host_line(target), fwd, b"X-Request-ID: ", flow.id.encode("latin-1"), b"\r\n"]
         if req.host:
             add += (b"X-Forwarded-Host: ", req.host.encode("latin-1"), b"\r\n")
         for k, v in framing:

@@ -67,6 +67,11 @@ def test_bad_environment_names_key_and_reason(env, key, reason):
     ("stalwart: [1, 2]\n", "stalwart", "expected a mapping"),
     ("listen: [\n", "--config", "invalid YAML"),
     ("- a\n- b\n", "--config", "top level must be a mapping"),
+    ("trusted_proxies: [10.0.0.0/8, lb.example]\n", "trusted_proxies[1]", "not an address or CIDR"),
+    ("mail: {imap: {listen: nowhere}}\n", "mail.imap.listen", "expected HOST:PORT"),
+    ("mail: {submission: {upstream_port: 0}}\n", "mail.submission.upstream_port", "must be a port number"),
+    ("mail: {imap: {upstream_tls: starttls}}\n", "mail.imap.upstream_tls", "starttls"),
+    ("listen: 8080\n", "listen", "expected HOST:PORT"),
 ])
 def test_bad_file_names_key_file_and_reason(tmp_path, text, key, reason):
     f = tmp_path / "bad.yaml"

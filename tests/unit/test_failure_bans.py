@@ -54,3 +54,15 @@ def test_memory_is_bounded():
     for i in range(1000):
         bans.failed(f"192.0.2.{i % 250}-{i}")
     assert len(bans._bans) == 10 and len(bans._counts) <= 10
+
+
+@pytest.mark.parametrize("kw, key", [
+    ({"failures": -1}, "failures"), ({"window": 0}, "window"), ({"ban": -5}, "window"),
+    ({"exempt": ("10.0.0.0/8", "lb.internal")}, "exempt"),
+])
+def test_bad_ban_options(kw, key):
+    from addons.auth import BanOptions
+    from proxy.errors import ConfigError
+    with pytest.raises(ConfigError) as e:
+        BanOptions(**kw)
+    assert e.value.key == key

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 from multidict import CIMultiDict
 
-from proxy.http1 import request_head, response_head, scrub_request, scrub_response, valid_request_id
+from proxy.http1 import (TrustedProxies, forwarded_client, request_head, response_head, scrub_request, scrub_response,
+                         valid_request_id)
 
 
 @pytest.mark.parametrize("sent,kept_names", [
@@ -157,3 +158,31 @@ def test_raw_heads_drop_what_a_keep_alive_connection_header_implies():
 def test_trace_id_of_a_traceparent(value, trace_id):
     from proxy.http1 import trace_id_of
     assert trace_id_of(value) == trace_id
+
+
+# ---------------------------------------------------------------------------- trusted proxies
+TRUSTED = TrustedProxies(["10.0.0.0/8", "2001:db8::/32"])
+
+
+@pytest.mark.parametrize("values, want", [
+    ([b"192.0.2.1"], "192.0.2.1"),                                   # the balancer's client
+    ([b"192.0.2.1, 10.1.1.1"], "192.0.2.1"),                         # through two trusted hops
+    ([b"198.51.100.9, 192.0.2.1, 10.1.1.1"], "192.0.2.1"),           # a spoofed left part is ignored
+    ([b"192.0.2.1", b"10.1.1.1"], "192.0.2.1"),                      # two headers are one list
+    ([b"10.2.2.2, 10.1.1.1"], "10.2.2.2"),                           # every hop trusted: the leftmost
+    ([b"bogus, 10.1.1.1"], "10.1.1.1"),                              # a malformed hop ends the walk
+    ([b"192.0.2.1, bogus"], "10.9.9.9"),                             # ... even the last one: the peer
+    ([b" 2001:db8::5 , 2001:db9::7 "], "2001:db9::7"),
+    ([b""], "10.9.9.9"),
+])
+def test_forwarded_client(values, want):
+    assert forwarded_client("10.9.9.9", values, TRUSTED) == want
+
+
+@pytest.mark.parametrize("addr, trusted", [
+    ("10.0.0.1", True), ("::ffff:10.0.0.1", True), ("2001:db8::1", True), ("192.0.2.1", False),
+    ("not-an-ip", False), ("", False),
+])
+def test_trusted_proxies(addr, trusted):
+    assert (addr in TRUSTED) is trusted
+    assert not TrustedProxies([]) and TRUSTED
