@@ -66,6 +66,7 @@ class MailListenerOptions:
       the proxy's; the server must be told to expect it from the proxy.
     allow_plaintext_auth: accept credentials on a connection without TLS (loopback testing).
     login_timeout: the whole pre-login dialogue; idle_timeout: no byte either way after it.
+    max_sessions: open sessions at most; the next connection is told so and closed.
     """
     listen: str | None = None
     tls: Literal["starttls", "implicit"] = "starttls"
@@ -77,6 +78,7 @@ class MailListenerOptions:
     login_timeout: float = field(default=60.0, metadata={"kind": "duration"})
     idle_timeout: float = field(default=1860.0, metadata={"kind": "duration"})
     max_line: int = field(default=8192, metadata={"kind": "size"})
+    max_sessions: int = 10_000
     failure_delay: float = field(default=1.0, metadata={"kind": "duration"})
 
     def __post_init__(self) -> None:
@@ -84,6 +86,8 @@ class MailListenerOptions:
             raise ConfigError("upstream_port", f"must be a port number, got {self.upstream_port}")
         if self.max_line < 512:
             raise ConfigError("max_line", "must be at least 512 bytes")
+        if self.max_sessions < 1:
+            raise ConfigError("max_sessions", "must be at least 1")
         for name, addr in self.upstreams.items():
             if not isinstance(addr, str) or not addr.rpartition(":")[2].isdigit():
                 raise ConfigError(f"upstreams.{name}", f"expected HOST:PORT, got {addr!r}")
@@ -518,6 +522,9 @@ class MailServer:
         g = engine.metrics.gauge("sge_proxy_mail_sessions", "Open mail sessions by protocol (logged in or not).",
                                  ("protocol",))
         g.labels(self.protocol).set_function(lambda: len(self.sessions))
+        self.refused = engine.metrics.counter(
+            "sge_proxy_mail_sessions_refused_total", "Mail connections refused at max_sessions.",
+            ("protocol",)).labels(self.protocol)
 
     async def start(self) -> None:
         assert self.opts.listen is not None
@@ -536,9 +543,16 @@ class MailServer:
         assert self.server is not None
         return self.server.sockets[0].getsockname()[1]
 
+    busy = b"* BYE [UNAVAILABLE] Too many connections; try again later.\r\n"  # (per protocol)
+
     async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        if len(self.sessions) >= self.opts.max_sessions:
+            self.refused.inc()
+            writer.write(self.busy)
+            await close(writer)
+            return
         self.sessions.add(task)
         try:
             await self.session(reader, writer)

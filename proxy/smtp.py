@@ -125,6 +125,7 @@ class SubmissionServer(MailServer):
 
     protocol = "submission"
     alpn = "smtp"
+    busy = b"421 4.7.0 Too many connections, try again later\r\n"
 
     async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = _Conn(reader, writer, (writer.get_extra_info("peername") or ("",))[0])

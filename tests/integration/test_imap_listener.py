@@ -181,3 +181,21 @@ async def test_http_cannot_reach_the_mail_rules(make_proxy, idp):
             async with s.request(method, f"http://127.0.0.1:{eng.port}/mail/imap",
                                  headers={"Authorization": f"Bearer {token}"}) as r:
                 assert r.status == status, method
+
+
+async def test_max_sessions(make_proxy):
+    eng, port = await make_proxy(**{"mail.imap.max_sessions": 1})
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert (await reader.readline()).startswith(b"* OK")
+    r2, w2 = await asyncio.open_connection("127.0.0.1", port)
+    assert (await asyncio.wait_for(r2.read(), 5)).startswith(b"* BYE [UNAVAILABLE] Too many connections")
+    w2.close()
+    writer.write(b"a LOGOUT\r\n")
+    await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    await asyncio.sleep(0.1)
+    r3, w3 = await asyncio.open_connection("127.0.0.1", port)  # a place again
+    assert (await r3.readline()).startswith(b"* OK")
+    w3.close()
+    refused = eng.metrics.registry.get_sample_value("sge_proxy_mail_sessions_refused_total", {"protocol": "imap"})
+    assert refused == 1

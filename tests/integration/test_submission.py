@@ -526,3 +526,12 @@ async def test_proxy_protocol_tells_the_server_the_clients_address(make_proxy, i
         delivered_once(ms)
     finally:
         server.close()
+
+
+async def test_max_sessions(make_proxy):
+    _, port = await make_proxy(**{"mail.submission.max_sessions": 1})
+    first = await Client.connect(port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert (await asyncio.wait_for(reader.read(), 5)).startswith(b"421 4.7.0 Too many connections")
+    writer.close()
+    first.close()
