@@ -187,14 +187,7 @@ class ImapServer(MailServer):
         except asyncio.LimitOverrunError:
             writer.write(b"* BYE Command line too long.\r\n")
             return
-        grant, ur, uw = done
-        mail.relaying(self)
-        counts = {"in": 0, "out": 0}
-        try:
-            await mail.relay((reader, writer), (ur, uw), self.opts.idle_timeout, counts)
-        finally:
-            await mail.close(uw)
-            mail.session_log(self.engine, grant.flow, 200, counts)
+        await self.relay_session((reader, writer), *done)
 
     async def _dispatch(self, tag: str, name: str, args: list[bytes], reader: asyncio.StreamReader,
                         writer: asyncio.StreamWriter, peer: str):

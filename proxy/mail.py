@@ -570,6 +570,19 @@ class MailServer:
     async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         raise NotImplementedError
 
+    async def relay_session(self, client: tuple[asyncio.StreamReader, asyncio.StreamWriter], grant: Grant,
+                            ur: asyncio.StreamReader, uw: asyncio.StreamWriter) -> None:
+        """After the login: bytes both ways until either side leaves or both are idle, then the
+        session's access-log line."""
+        relaying(self)
+        counts = {"in": 0, "out": 0}
+        try:
+            how = await relay(client, (ur, uw), self.opts.idle_timeout, counts)
+            log.debug("%s session %s ended (%s)", self.protocol, grant.flow.id, how)
+        finally:
+            await close(uw)
+            session_log(self.engine, grant.flow, 200, counts)
+
     async def stop(self, drain_timeout: float) -> None:
         """Logins under way may finish (bounded by drain_timeout); relayed sessions are closed at
         once (a mail client reconnects; waiting for it to log out could take days)."""

@@ -142,15 +142,7 @@ class SubmissionServer(MailServer):
         except TimeoutError:
             conn.say(f"421 4.4.2 {host} Authentication timeout, closing connection")
             return
-        grant, ur, uw = login
-        mail.relaying(self)
-        counts = {"in": 0, "out": 0}
-        try:
-            how = await mail.relay((reader, writer), (ur, uw), self.opts.idle_timeout, counts)
-            log.debug("submission session %s ended (%s)", grant.flow.id, how)
-        finally:
-            await mail.close(uw)
-            mail.session_log(self.engine, grant.flow, 200, counts)
+        await self.relay_session((reader, writer), *login)
 
     async def _line(self, conn: _Conn) -> str:
         """One command line or SASL response, at most `max_line` bytes (LF ends it, a CR before

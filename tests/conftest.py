@@ -66,6 +66,15 @@ async def upstream(server_ssl):
 
 
 @pytest.fixture
+async def idp():
+    """A JWKS identity provider on 127.0.0.1 with one ES256 key ("k1"): mint with idp.keys[0].token()."""
+    from tests.jwks_server import JwksServer, SigningKey
+    async with JwksServer() as server:
+        server.publish(SigningKey("k1"))
+        yield server
+
+
+@pytest.fixture
 async def client():
     import aiohttp
     async with aiohttp.ClientSession(auto_decompress=False) as s:

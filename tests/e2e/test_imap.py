@@ -16,19 +16,12 @@ import uuid
 import pytest
 
 from tests.harness import start_proxy
-from tests.jwks_server import AUDIENCE, ISSUER, JwksServer, SigningKey
+from tests.jwks_server import AUDIENCE, ISSUER
 
 pytestmark = pytest.mark.e2e
 
 ALICE, BOB = "alice@example.com", "bob@example.com"
 IMAP_PORT = int(os.environ.get("IMAP_PORT", "18143"))
-
-
-@pytest.fixture
-async def idp():
-    async with JwksServer() as server:
-        server.publish(SigningKey("key-a"))
-        yield server
 
 
 @pytest.fixture

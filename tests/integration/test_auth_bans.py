@@ -11,14 +11,7 @@ import aiohttp
 import pytest
 
 from tests.harness import start_proxy
-from tests.jwks_server import AUDIENCE, ISSUER, JwksServer, SigningKey
-
-
-@pytest.fixture
-async def idp():
-    async with JwksServer() as server:
-        server.publish(SigningKey("k1"))
-        yield server
+from tests.jwks_server import AUDIENCE, ISSUER
 
 
 @pytest.fixture

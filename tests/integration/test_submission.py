@@ -15,7 +15,7 @@ from aiosmtpd.smtp import SMTP, AuthResult
 
 from tests.conftest import free_port
 from tests.harness import eventually, start_proxy
-from tests.jwks_server import AUDIENCE, ISSUER, JwksServer, SigningKey
+from tests.jwks_server import AUDIENCE, ISSUER, JwksServer
 
 IMPERSONATOR, SECRET = "sge-proxy", "impsecret"
 ALICE = "alice@example.com"
@@ -106,13 +106,6 @@ async def mailserver():
 
 
 # ---------------------------------------------------------------------------- the proxy
-@pytest.fixture
-async def idp():
-    async with JwksServer() as server:
-        server.publish(SigningKey("k1"))
-        yield server
-
-
 @pytest.fixture
 async def make_proxy(certs, upstream, idp, mailserver):
     engines = []
