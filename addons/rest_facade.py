@@ -499,6 +499,33 @@ class RestFacade:
                                                ("Content-Disposition", f'attachment; filename="{name}"'),
                                                ("X-Content-Type-Options", "nosniff")])
 
+    async def _erase(self, flow: "Flow", ctx: _Ctx) -> Response:
+        """Destroy every message of the account (or of one mailbox): the deletion half of SEED's
+        GDPR item. Guarded three ways: the policy (the shipped one allows it only to the
+        `mail-erasure` role), the body's `confirm` (the user's own login), and the audit log.
+        Rounds of Email/query + Email/set destroy until nothing is left or a round destroys
+        nothing (what the server refuses to destroy is reported, not retried forever)."""
+        assert flow.identity is not None and self._loader is not None
+        ref = rest.parse_erasure(self._body(flow), flow.identity.login)
+        box = await self._mailbox(flow, ctx, ref) if ref is not None else None
+        page = max(1, min(rest.ERASE_PAGE, ctx.session.limits.max_objects_in_set))
+        loader = self._loader
+        loader.audit("rest_facade.erasure_started", flow, mailbox=box.id if box is not None else None)
+        destroyed = refused = 0
+        try:
+            while True:
+                r = await self._call(flow, ctx, rest.erase_request(ctx.account, box.id if box else None, page))
+                found, done, failed = rest.erase_round(r)
+                destroyed += done
+                if found == 0 or done == 0:
+                    refused = failed
+                    break
+        finally:
+            self.invalidate(ctx.key)
+            loader.audit("rest_facade.erasure_finished", flow, destroyed=destroyed, not_destroyed=refused)
+        return _json(200, {"destroyed": destroyed, "notDestroyed": refused,
+                           "mailbox": box.to_json() if box is not None else None})
+
     # ------------------------------------------------------------------ input
     def _body(self, flow: "Flow") -> dict[str, Any]:
         return rest.parse_json_object(flow.request.body, flow.request.headers.get("Content-Type", ""))

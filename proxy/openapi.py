@@ -124,6 +124,17 @@ _SCHEMAS: dict[str, Any] = {
                         "submissionId": _NULL_STR, "mailbox": {"enum": ["drafts", "sent"]}}),
     "UploadResult": _obj({"blobId": {"type": "string"}, "type": {"type": "string"},
                           "size": {"type": "integer", "minimum": 0}}),
+    "Erasure": _obj({
+        "confirm": {"type": "string", "description": "Your own login: nothing is destroyed without it."},
+        "mailbox": {"type": "string", "minLength": 1, "maxLength": 255,
+                    "description": "Only this mailbox (role, name or id); default: every message."},
+    }, required=["confirm"], closed=True),
+    "ErasureResult": _obj({
+        "destroyed": {"type": "integer", "minimum": 0},
+        "notDestroyed": {"type": "integer", "minimum": 0,
+                         "description": "Messages the mail server refused to destroy (still there)."},
+        "mailbox": {"oneOf": [_ref("Mailbox"), {"type": "null"}]},
+    }, required=["destroyed", "notDestroyed", "mailbox"]),
     "QuotaList": _obj({"quotas": {"type": "array", "items": _obj({
         "id": {"type": "string"}, "name": _NULL_STR, "resourceType": _NULL_STR, "scope": _NULL_STR,
         "used": {"type": "integer"}, "hardLimit": {"type": "integer"},
@@ -273,6 +284,13 @@ _PATHS: dict[str, Any] = {
                     "headers": {"Content-Disposition": {"schema": {"type": "string"}}},
                     "content": {"application/mbox": {"schema": {"type": "string", "format": "binary"}}}},
             **_problems(400)},
+    }},
+    f"{PREFIX}/erasure": {"post": {
+        "operationId": "eraseMail",
+        "summary": "Destroy every message of the account, or of one mailbox, for good (GDPR erasure). The "
+                   "shipped policy allows it only to identities with the mail-erasure role.",
+        "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("Erasure")}}},
+        "responses": {**_ok(200, "What was destroyed.", "ErasureResult"), **_problems(400, 415)},
     }},
     "/api/v1/openapi.json": {"get": {
         "operationId": "openapi", "summary": "This document.",

@@ -220,6 +220,7 @@ ROUTES: tuple[tuple[tuple[str, ...], Mapping[str, str]], ...] = (
     (("attachments",), {"POST": "upload_attachment"}),
     (("quota",), {"GET": "get_quota"}),
     (("export",), {"GET": "export"}),
+    (("erasure",), {"POST": "erase"}),
 )
 
 
@@ -1177,3 +1178,45 @@ def mbox_entry(raw: bytes, received_at: str | None) -> bytes:
     if not body.endswith(b"\n"):
         body += b"\n"
     return mbox_from_line(received_at) + body + b"\n"
+
+
+# ---------------------------------------------------------------------------- erasure
+ERASE_KEYS = ("confirm", "mailbox")
+ERASE_PAGE = 500  # ids per query and destroy (capped by the server's maxObjectsInSet)
+
+
+def parse_erasure(doc: Mapping[str, Any], login: str) -> str | None:
+    """POST /erasure's body: `confirm` must be the user's own login (case aside), `mailbox` (role,
+    name or id) limits it to one mailbox. Returns the mailbox reference. Pure."""
+    unknown = set(doc) - set(ERASE_KEYS)
+    if unknown:
+        raise BadRequest(f"Unknown field {sorted(unknown)[0][:50]!r}; allowed: {', '.join(ERASE_KEYS)}.")
+    confirm = doc.get("confirm")
+    if not isinstance(confirm, str) or confirm.casefold() != login.casefold():
+        raise BadRequest("confirm must be your own login: erasure destroys messages for good.",
+                         extra={"field": "confirm"})
+    box = doc.get("mailbox")
+    if box is None:
+        return None
+    box = _text(box, "mailbox", max_len=255)
+    if not box:
+        raise BadRequest("mailbox must not be empty.")
+    return box
+
+
+def erase_request(account: str, mailbox_id: str | None, limit: int) -> dict[str, Any]:
+    """One round: the first `limit` ids (of the mailbox, or of the account) and their destruction,
+    in one request (the destroy takes the query's ids by back-reference)."""
+    q: dict[str, Any] = {"accountId": account, "limit": limit}
+    if mailbox_id is not None:
+        q["filter"] = {"inMailbox": mailbox_id}
+    return _request([CORE, MAIL], ["Email/query", q, "q"],
+                    ["Email/set", {"accountId": account,
+                                   "#destroy": {"resultOf": "q", "name": "Email/query", "path": "/ids"}}, "d"])
+
+
+def erase_round(responses: Responses) -> tuple[int, int, int]:
+    """(ids found, destroyed, not destroyed) of a round. Pure."""
+    ids = responses.get("q", "Email/query").get("ids") or ()
+    d = responses.get("d", "Email/set")
+    return len(ids), len(d.get("destroyed") or ()), len(d.get("notDestroyed") or {})

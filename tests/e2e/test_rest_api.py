@@ -479,3 +479,30 @@ async def test_export_of_one_mailbox(env):
     assert_problem(code, headers, body, 400)
     code, headers, body = await env.call(ALICE, "GET", f"{API}/export?folder=inbox")
     assert_problem(code, headers, body, 400)
+
+
+# ---------------------------------------------------------------------------- erasure
+async def test_erasure_of_a_mailbox_needs_the_role_and_the_confirmation(env):
+    mark = marker()
+    for i in range(3):
+        raw = (f"From: carol@example.net\r\nTo: {ALICE}\r\nSubject: {mark} {i}\r\n"
+               f"Message-ID: <{uuid.uuid4().hex}@e2e>\r\n\r\nto be erased\r\n").encode()
+        await asyncio.to_thread(_append, env.stack, ALICE, raw, "Archive")
+    await find(env, ALICE, mark, "archive", count=3)
+    body = {"confirm": ALICE, "mailbox": "archive"}
+    # an ordinary user may not (the shipped policy), whatever the body says
+    code, headers, raw = await env.call(ALICE, "POST", f"{API}/erasure", json=body)
+    assert_problem(code, headers, raw, 403)
+    # the role without the confirmation: nothing happens
+    code, headers, raw = await env.call(ALICE, "POST", f"{API}/erasure", json={"confirm": BOB, "mailbox": "archive"},
+                                        roles=["user", "mail-erasure"])
+    assert_problem(code, headers, raw, 400)
+    assert len((await env.ok(ALICE, "GET", f"{API}/messages?mailbox=archive&q={mark}"))["messages"]) == 3
+    inbox_before = await jmap_total(env, ALICE, {"inMailbox": (await mailboxes(env, ALICE, fresh=True))["inbox"]["id"]})
+    doc = await env.ok(ALICE, "POST", f"{API}/erasure", json=body, roles=["user", "mail-erasure"])
+    assert doc["destroyed"] >= 3 and doc["notDestroyed"] == 0 and doc["mailbox"]["role"] == "archive"
+    boxes = await mailboxes(env, ALICE, fresh=True)
+    assert await jmap_total(env, ALICE, {"inMailbox": boxes["archive"]["id"]}) == 0
+    code, _, data = await env.call(ALICE, "GET", f"{API}/export?mailbox=archive")
+    assert code == 200 and data == b""
+    assert await jmap_total(env, ALICE, {"inMailbox": boxes["inbox"]["id"]}) == inbox_before  # only that mailbox

@@ -79,7 +79,7 @@ async def test_openapi_document_matches_the_running_facade(stack):  # noqa: F811
         token = key.token(USER, email=USER, ttl=600)
         try:
             seen = await asyncio.wait_for(asyncio.to_thread(run_schemathesis, base, token), 60)
-            assert len(seen) == 10, seen
+            assert len(seen) == 11, seen
         finally:
             await _destroy_drafts(base, token)
             await eng.stop(drain_timeout=1)

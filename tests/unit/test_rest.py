@@ -886,3 +886,32 @@ def test_export_query(query, want):
 def test_bad_export_query(query):
     with pytest.raises(BadRequest):
         rest.parse_export_query(query)
+
+
+# ---------------------------------------------------------------------------- erasure
+@pytest.mark.parametrize("doc, want", [
+    ({"confirm": "alice@example.com"}, None),
+    ({"confirm": "ALICE@Example.com", "mailbox": "archive"}, "archive"),
+])
+def test_erasure_body(doc, want):
+    assert rest.parse_erasure(doc, "alice@example.com") == want
+
+
+@pytest.mark.parametrize("doc", [
+    {}, {"confirm": "bob@example.com"}, {"confirm": None}, {"confirm": "alice@example.com", "mailbox": ""},
+    {"confirm": "alice@example.com", "everything": True}, {"confirm": "alice@example.com", "mailbox": 7},
+])
+def test_bad_erasure_body(doc):
+    with pytest.raises(BadRequest):
+        rest.parse_erasure(doc, "alice@example.com")
+
+
+def test_erase_request_destroys_what_the_query_found():
+    doc = rest.erase_request("acct", "box", 500)
+    (q_name, q, _), (s_name, s, _) = doc["methodCalls"]
+    assert (q_name, q["filter"], q["limit"]) == ("Email/query", {"inMailbox": "box"}, 500)
+    assert (s_name, s["#destroy"]) == ("Email/set", {"resultOf": "q", "name": "Email/query", "path": "/ids"})
+    assert "filter" not in rest.erase_request("acct", None, 10)["methodCalls"][0][1]
+    r = rest.Responses([("Email/query", {"ids": ["a", "b", "c"]}, "q"),
+                        ("Email/set", {"destroyed": ["a", "b"], "notDestroyed": {"c": {"type": "forbidden"}}}, "d")])
+    assert rest.erase_round(r) == (3, 2, 1)
