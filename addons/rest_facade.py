@@ -26,6 +26,7 @@ import inspect
 import logging
 import os.path
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Hashable
 
@@ -395,11 +396,28 @@ class RestFacade:
             if ctx.bypass:
                 raise
             ident = rest.choose_identity(list(await self._identities(flow, ctx, fresh=True)), wanted)
-        r = await self._call(flow, ctx, rest.send_request(ctx.account, ident, draft, drafts.id,
-                                                          sent.id if sent is not None else None))
+        sent_id = sent.id if sent is not None else None
+        if draft.encrypted is not None:
+            blob = await self._upload_message(flow, ctx, rest.encrypted_message(
+                draft, ident, now=time.time(), message_id=f"<{uuid.uuid4().hex}@{ident['email'].rpartition('@')[2]}>"))
+            r = await self._call(flow, ctx, rest.send_encrypted_request(ctx.account, ident, draft, blob, drafts.id,
+                                                                       sent_id))
+        else:
+            r = await self._call(flow, ctx, rest.send_request(ctx.account, ident, draft, drafts.id, sent_id))
         self.invalidate(ctx.key, ("mailbox", "quota"))
         out = rest.send_result(r, draft)
         return _json(201, out, [("Location", f"{rest.PREFIX}/messages/{out['id']}")])
+
+    async def _upload_message(self, flow: "Flow", ctx: _Ctx, raw: bytes) -> str:
+        """Upload a whole message the proxy built (an encrypted one) as a blob: its id."""
+        limit = ctx.session.limits.max_size_upload
+        if len(raw) > limit:
+            raise PayloadTooLarge(f"The message is larger than the mail server's {limit} bytes.",
+                                  extra={"jmapType": "urn:ietf:params:jmap:error:limit", "limit": "maxSizeUpload"})
+        path = rest.url_path(rest.expand(ctx.session.upload_url, accountId=ctx.account))
+        resp = await self._fetch(flow, ctx, "POST", path, body=raw, cap=self._opts.max_response,
+                                 headers=[("Content-Type", "message/rfc822"), ("Accept", _JSON)])
+        return rest.upload_result(resp.status, resp.headers, resp.body, "message/rfc822", len(raw))["blobId"]
 
     async def _upload_attachment(self, flow: "Flow", ctx: _Ctx) -> None:
         req = flow.request

@@ -61,6 +61,9 @@ _DETAIL = {
     "text": {"type": ["string", "null"], "description": "The text/plain body parts, concatenated."},
     "html": {"type": ["string", "null"], "description": "The text/html body parts, concatenated."},
     "attachments": {"type": "array", "items": _ref("Attachment")},
+    "encryption": {"enum": ["pgp-mime", "smime", None],
+                   "description": "End-to-end encryption of the content: its ciphertext is an attachment "
+                                  "(encrypted.asc, smime.p7m) to download and decrypt on the client."},
 }
 
 _SCHEMAS: dict[str, Any] = {
@@ -119,6 +122,14 @@ _SCHEMAS: dict[str, Any] = {
             ["blobId"], closed=True)},
         "send": {"type": "boolean", "default": True,
                  "description": "false: only save the draft in Drafts."},
+        "encrypted": {
+            "description": "End-to-end encrypted content (instead of text, html and attachments, which go "
+                           "inside the ciphertext): the proxy wraps it as PGP/MIME (RFC 3156) or S/MIME "
+                           "(RFC 8551) and never sees it in clear. The subject and addresses stay in clear.",
+            **_obj({"type": {"enum": ["pgp-mime", "smime"]},
+                    "data": {"type": "string", "minLength": 1,
+                             "description": "pgp-mime: one ASCII-armored OpenPGP message; smime: the base64 of "
+                                            "a DER CMS EnvelopedData."}}, closed=True)},
     }, [], closed=True),
     "SendResult": _obj({"id": {"type": "string"}, "sent": {"type": "boolean"},
                         "submissionId": _NULL_STR, "mailbox": {"enum": ["drafts", "sent"]}}),

@@ -7,6 +7,8 @@ primaryAccounts["urn:ietf:params:jmap:mail"]) and is complete: no `#accountId` r
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import re
 import time
@@ -648,6 +650,7 @@ def message_result(responses: Responses, email_id: str, call_id: str = "e") -> d
         "html": _body_text(e.get("htmlBody"), values, "text/html"),
         "attachments": [_attachment(email_id, a) for a in e.get("attachments") or ()
                         if isinstance(a, dict) and isinstance(a.get("blobId"), str)],
+        "encryption": encryption_of(e.get("attachments")),
     })
     return out
 
@@ -747,7 +750,114 @@ def delete_result(responses: Responses, email_id: str, permanent: bool) -> None:
 
 
 # ---------------------------------------------------------------------------- sending
-DRAFT_KEYS = ("to", "cc", "bcc", "subject", "text", "html", "attachments", "from", "send")
+DRAFT_KEYS = ("to", "cc", "bcc", "subject", "text", "html", "attachments", "from", "send", "encrypted")
+ENCRYPTIONS = ("pgp-mime", "smime")
+_PGP_ARMOR = re.compile(r"\A\s*-----BEGIN PGP MESSAGE-----\r?\n[\s\S]*\r?\n-----END PGP MESSAGE-----\s*\Z")
+_ENVELOPED_DATA_OID = bytes.fromhex("06092a864886f70d010703")  # 1.2.840.113549.1.7.3, DER
+
+
+@dataclass(frozen=True, slots=True)
+class Encrypted:
+    """Content the client encrypted end to end (the proxy and the server never see it in clear):
+    an ASCII-armored OpenPGP message (RFC 3156's PGP/MIME) or a DER CMS EnvelopedData (S/MIME,
+    RFC 8551)."""
+    kind: str   # "pgp-mime" | "smime"
+    data: bytes  # the armored text, or the DER
+
+    def __repr__(self) -> str:
+        return f"Encrypted({self.kind}, {len(self.data)} bytes)"
+
+
+def parse_encrypted(v: Any, max_bytes: int) -> Encrypted:
+    """The `encrypted` member of POST /messages: {"type": "pgp-mime", "data": "-----BEGIN PGP
+    MESSAGE-----..."} or {"type": "smime", "data": "<base64 of the DER EnvelopedData>"}. Pure."""
+    if not isinstance(v, dict):
+        raise BadRequest('encrypted must be {"type": "pgp-mime" | "smime", "data": "..."}.')
+    _check_keys(v, ("type", "data"), "encrypted")
+    kind, data = v.get("type"), v.get("data")
+    if kind not in ENCRYPTIONS:
+        raise BadRequest(f"encrypted.type must be one of {', '.join(ENCRYPTIONS)}.")
+    if not isinstance(data, str) or not data or len(data) > max_bytes:
+        raise BadRequest(f"encrypted.data must be a non-empty string of at most {max_bytes} characters.")
+    if kind == "pgp-mime":
+        if not data.isascii() or not _PGP_ARMOR.match(data):
+            raise BadRequest("encrypted.data must be one ASCII-armored OpenPGP message "
+                             "(-----BEGIN PGP MESSAGE----- ... -----END PGP MESSAGE-----).")
+        return Encrypted(kind, data.strip().replace("\r\n", "\n").encode("ascii"))
+    try:
+        der = base64.b64decode("".join(data.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest("encrypted.data must be the base64 of a DER CMS EnvelopedData (S/MIME).") from None
+    # a DER SEQUENCE whose contentType is envelopedData: what a client's S/MIME library makes
+    if len(der) < 16 or der[0] != 0x30 or _ENVELOPED_DATA_OID not in der[:32]:
+        raise BadRequest("encrypted.data is not a CMS EnvelopedData (S/MIME).")
+    return Encrypted(kind, der)
+
+
+def encrypted_message(draft: Draft, identity: Mapping[str, Any], *, now: float, message_id: str) -> bytes:
+    """The whole RFC 5322 message for end-to-end encrypted content: the envelope headers in clear
+    (From, To, Cc, Subject, Date, Message-ID; no Bcc), the body the client's ciphertext as
+    PGP/MIME (multipart/encrypted, RFC 3156) or S/MIME (application/pkcs7-mime enveloped-data,
+    RFC 8551). CRLF line ends. Pure."""
+    from email.message import EmailMessage
+    from email.policy import SMTP
+    from email.utils import formataddr, formatdate
+    enc = draft.encrypted
+    assert enc is not None
+    msg = EmailMessage(policy=SMTP)
+    msg["From"] = formataddr((identity.get("name") or "", identity["email"]))
+    for key, addrs in (("To", draft.to), ("Cc", draft.cc)):
+        if addrs:
+            msg[key] = ", ".join(formataddr((a.name or "", a.email)) for a in addrs)
+    msg["Subject"] = draft.subject
+    msg["Date"] = formatdate(now, usegmt=True)
+    msg["Message-ID"] = message_id
+    if enc.kind == "pgp-mime":
+        msg.set_content("This is an OpenPGP/MIME encrypted message (RFC 3156).\n")
+        msg.make_mixed()
+        msg.set_type("multipart/encrypted")
+        msg.set_param("protocol", "application/pgp-encrypted")
+        msg.set_payload([])
+        control = EmailMessage(policy=SMTP)
+        control.set_content(b"Version: 1\n", maintype="application", subtype="pgp-encrypted", cte="7bit")
+        control.add_header("Content-Description", "PGP/MIME version identification")
+        body = EmailMessage(policy=SMTP)
+        body.set_content(enc.data, maintype="application", subtype="octet-stream", cte="7bit",
+                         disposition="inline", filename="encrypted.asc")
+        body.add_header("Content-Description", "OpenPGP encrypted message")
+        msg.attach(control)
+        msg.attach(body)
+        msg.preamble = "This is an OpenPGP/MIME encrypted message (RFC 3156)."
+    else:
+        msg.set_content(enc.data, maintype="application", subtype="pkcs7-mime", cte="base64",
+                        disposition="attachment", filename="smime.p7m",
+                        params={"smime-type": "enveloped-data", "name": "smime.p7m"})
+    return msg.as_bytes()
+
+
+def encryption_of(attachments: Any) -> str | None:
+    """How a read message is encrypted end to end, from its parts: "pgp-mime" (an
+    application/pgp-encrypted part), "smime" (application/pkcs7-mime), else None. Pure."""
+    for a in attachments or ():
+        t = (a.get("type") or "").lower() if isinstance(a, dict) else ""
+        if t == "application/pgp-encrypted":
+            return "pgp-mime"
+        if t in ("application/pkcs7-mime", "application/x-pkcs7-mime"):
+            return "smime"
+    return None
+
+
+def send_encrypted_request(account: str, identity: Mapping[str, Any], draft: Draft, blob_id: str,
+                           drafts_id: str, sent_id: str | None) -> dict[str, Any]:
+    """Email/import of the uploaded message into Drafts, then (to send) the same EmailSubmission
+    as a plain message: the created id is shared within the request (#draft)."""
+    calls: list[list[Any]] = [["Email/import", {"accountId": account, "emails": {"draft": {
+        "blobId": blob_id, "mailboxIds": {drafts_id: True}, "keywords": {"$draft": True, "$seen": True}}}}, "c"]]
+    using = [CORE, MAIL]
+    if draft.send:
+        using.append(SUBMISSION)
+        calls.append(_submission(account, identity, draft, sent_id))
+    return _request(using, *calls)
 
 
 @dataclass(frozen=True, slots=True)
@@ -777,6 +887,7 @@ class Draft:
     attachments: tuple[Attachment, ...] = ()
     sender: str | None = None  # the client's "from": which identity to send as
     send: bool = True
+    encrypted: "Encrypted | None" = None  # end-to-end encrypted content: the proxy only wraps it
 
     @property
     def recipients(self) -> list[str]:
@@ -848,8 +959,14 @@ def parse_draft(doc: Mapping[str, Any], *, max_body: int = 10 << 20) -> Draft:
     sender = doc.get("from")
     if sender is not None:
         sender = _email_address(sender, "from")
+    encrypted = None
+    if doc.get("encrypted") is not None:
+        if bodies["text"] is not None or bodies["html"] is not None or parsed_atts:
+            raise BadRequest("An encrypted message carries its text and attachments inside the ciphertext: "
+                             "give encrypted alone, without text, html or attachments.")
+        encrypted = parse_encrypted(doc["encrypted"], max_body)
     draft = Draft(to=to, cc=cc, bcc=bcc, subject=subject, text=bodies["text"], html=bodies["html"],
-                  attachments=tuple(parsed_atts), sender=sender, send=send)
+                  attachments=tuple(parsed_atts), sender=sender, send=send, encrypted=encrypted)
     n = len(draft.recipients)
     if send and n == 0:
         raise BadRequest("A message to send needs at least one recipient (to, cc or bcc).")
@@ -905,20 +1022,26 @@ def send_request(account: str, identity: Mapping[str, Any], draft: Draft, drafts
     using = [CORE, MAIL]
     if draft.send:
         using.append(SUBMISSION)
-        after: dict[str, Any] = {"keywords/$draft": None}
-        if sent_id is not None:
-            after["mailboxIds"] = {sent_id: True}
-        calls.append(["EmailSubmission/set", {
-            "accountId": account,
-            "create": {"send": {"identityId": identity["id"], "emailId": "#draft",
-                                "envelope": {"mailFrom": {"email": identity["email"]},
-                                             "rcptTo": [{"email": r} for r in draft.recipients]}}},
-            "onSuccessUpdateEmail": {"#send": after}}, "s"])
+        calls.append(_submission(account, identity, draft, sent_id))
     return _request(using, *calls)
 
 
+def _submission(account: str, identity: Mapping[str, Any], draft: Draft, sent_id: str | None) -> list[Any]:
+    """EmailSubmission/set of the message created as #draft, with an explicit envelope;
+    onSuccessUpdateEmail moves it to Sent and clears $draft."""
+    after: dict[str, Any] = {"keywords/$draft": None}
+    if sent_id is not None:
+        after["mailboxIds"] = {sent_id: True}
+    return ["EmailSubmission/set", {
+        "accountId": account,
+        "create": {"send": {"identityId": identity["id"], "emailId": "#draft",
+                            "envelope": {"mailFrom": {"email": identity["email"]},
+                                         "rcptTo": [{"email": r} for r in draft.recipients]}}},
+        "onSuccessUpdateEmail": {"#send": after}}, "s"]
+
+
 def send_result(responses: Responses, draft: Draft) -> dict[str, Any]:
-    created = responses.get("c", "Email/set")
+    created = responses.get("c", "Email/import" if draft.encrypted is not None else "Email/set")
     made = (created.get("created") or {}).get("draft")
     if not isinstance(made, dict) or not isinstance(made.get("id"), str):
         raise _set_error((created.get("notCreated") or {}).get("draft"))

@@ -506,3 +506,56 @@ async def test_erasure_of_a_mailbox_needs_the_role_and_the_confirmation(env):
     code, _, data = await env.call(ALICE, "GET", f"{API}/export?mailbox=archive")
     assert code == 200 and data == b""
     assert await jmap_total(env, ALICE, {"inMailbox": boxes["inbox"]["id"]}) == inbox_before  # only that mailbox
+
+
+# ---------------------------------------------------------------------------- end-to-end encryption
+PGP_BLOCK = ("-----BEGIN PGP MESSAGE-----\n\nhQEMA1x2YWxpY2UgdG8gYm9i\n=AbCd\n-----END PGP MESSAGE-----\n")
+
+
+async def test_pgp_mime_goes_out_as_ciphertext_and_reads_back_as_such(env):
+    mark = marker()
+    sent = await env.ok(ALICE, "POST", f"{API}/messages", 201, json={
+        "to": [BOB], "subject": f"Encrypted {mark}", "encrypted": {"type": "pgp-mime", "data": PGP_BLOCK}})
+    env.created.append((ALICE, sent["id"]))
+    assert sent["sent"] is True and sent["mailbox"] == "sent"
+    envelope, msg = await sink_message(env, f"Encrypted {mark}")
+    assert envelope["mail_from"] == ALICE and envelope["rcpt_tos"] == [BOB]
+    assert msg.get_content_type() == "multipart/encrypted" and msg.get_param("protocol") == "application/pgp-encrypted"
+    control, body = msg.get_payload()
+    assert control.get_content_type() == "application/pgp-encrypted"
+    assert body.get_payload(decode=True).replace(b"\r\n", b"\n").strip() == PGP_BLOCK.strip().encode()
+    # the sender's copy in Sent says it is encrypted, and hands the ciphertext back unchanged
+    stored = await env.ok(ALICE, "GET", f"{API}/messages/{sent['id']}")
+    assert stored["encryption"] == "pgp-mime" and stored["text"] in (None, "")
+    att = next(a for a in stored["attachments"] if a["name"] == "encrypted.asc")
+    code, _, data = await env.call(ALICE, "GET", f"{API}/messages/{sent['id']}/attachments/{att['blobId']}")
+    assert code == 200 and data.replace(b"\r\n", b"\n").strip() == PGP_BLOCK.strip().encode()
+
+
+async def test_smime_reaches_the_recipient_who_alone_can_read_it(env):
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.hazmat.primitives.serialization import pkcs7
+    from cryptography.x509.oid import NameOID
+    rkey = rsa.generate_private_key(public_exponent=65537, key_size=2048)  # CMS key transport: RSA
+    name = x509.Name([x509.NameAttribute(NameOID.EMAIL_ADDRESS, BOB)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    rcert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(rkey.public_key())
+             .serial_number(8).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+             .sign(rkey, hashes.SHA256()))
+    mark, secret = marker(), marker()
+    der = (pkcs7.PKCS7EnvelopeBuilder().set_data(f"Content-Type: text/plain\r\n\r\nfor bob only {secret}\r\n".encode())
+           .add_recipient(rcert).encrypt(serialization.Encoding.DER, []))
+    sent = await env.ok(ALICE, "POST", f"{API}/messages", 201, json={
+        "to": [BOB], "subject": f"S/MIME {mark}", "encrypted": {"type": "smime", "data": base64.b64encode(der).decode()}})
+    env.created.append((ALICE, sent["id"]))
+    _, msg = await sink_message(env, f"S/MIME {mark}")
+    assert msg.get_content_type() == "application/pkcs7-mime" and msg.get_param("smime-type") == "enveloped-data"
+    assert secret.encode() not in msg.as_bytes()  # nothing of the content in clear on the way
+    inner = pkcs7.pkcs7_decrypt_der(msg.get_payload(decode=True), rcert, rkey, [])
+    assert f"for bob only {secret}".encode() in inner
+    stored = await env.ok(ALICE, "GET", f"{API}/messages/{sent['id']}")
+    assert stored["encryption"] == "smime"

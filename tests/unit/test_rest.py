@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import email
+import email.policy
 from typing import AsyncIterator
 
 import orjson
@@ -915,3 +917,95 @@ def test_erase_request_destroys_what_the_query_found():
     r = rest.Responses([("Email/query", {"ids": ["a", "b", "c"]}, "q"),
                         ("Email/set", {"destroyed": ["a", "b"], "notDestroyed": {"c": {"type": "forbidden"}}}, "d")])
     assert rest.erase_round(r) == (3, 2, 1)
+
+
+# ---------------------------------------------------------------------------- end-to-end encryption
+PGP_BLOCK = ("-----BEGIN PGP MESSAGE-----\n\nhQEMA1x2\n=AbCd\n-----END PGP MESSAGE-----\n")
+
+
+def _smime_envelope() -> tuple[bytes, object, object]:
+    """A real CMS EnvelopedData for a fresh recipient certificate (cryptography's S/MIME builder)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.hazmat.primitives.serialization import pkcs7
+    from cryptography.x509.oid import NameOID
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.EMAIL_ADDRESS, "bob@example.org")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    der = (pkcs7.PKCS7EnvelopeBuilder().set_data(b"Content-Type: text/plain\r\n\r\nsecret words\r\n")
+           .add_recipient(cert).encrypt(serialization.Encoding.DER, []))
+    return der, cert, key
+
+
+def _draft(**kw):
+    doc = {"to": [{"email": "bob@example.org", "name": "Bob"}], "subject": "..."}
+    doc.update(kw)
+    return rest.parse_draft(doc)
+
+
+def test_pgp_mime_message_structure():
+    d = _draft(encrypted={"type": "pgp-mime", "data": PGP_BLOCK}, bcc=[{"email": "hidden@example.org"}])
+    raw = rest.encrypted_message(d, {"email": "alice@example.com", "name": "Alice"}, now=0,
+                                 message_id="<m1@example.com>")
+    assert b"\r\n" in raw and b"hidden@example.org" not in raw  # CRLF; Bcc only in the envelope
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert msg.get_content_type() == "multipart/encrypted"
+    assert msg.get_param("protocol") == "application/pgp-encrypted"
+    control, body = msg.get_payload()
+    assert control.get_content_type() == "application/pgp-encrypted"
+    assert control.get_payload().strip() == "Version: 1"
+    assert body.get_content_type() == "application/octet-stream" and body.get_filename() == "encrypted.asc"
+    assert body.get_payload(decode=True).replace(b"\r\n", b"\n").strip() == PGP_BLOCK.strip().encode()
+    assert msg["From"] == "Alice <alice@example.com>" and msg["To"] == "Bob <bob@example.org>"
+    assert msg["Message-ID"] == "<m1@example.com>" and msg["Subject"] == "..."
+
+
+def test_smime_message_decrypts_for_the_recipient():
+    from cryptography.hazmat.primitives.serialization import pkcs7
+    der, cert, key = _smime_envelope()
+    d = _draft(encrypted={"type": "smime", "data": base64.b64encode(der).decode()})
+    raw = rest.encrypted_message(d, {"email": "alice@example.com"}, now=0, message_id="<m2@example.com>")
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    assert msg.get_content_type() == "application/pkcs7-mime"
+    assert msg.get_param("smime-type") == "enveloped-data" and msg.get_filename() == "smime.p7m"
+    inner = pkcs7.pkcs7_decrypt_der(msg.get_payload(decode=True), cert, key, [])
+    assert b"secret words" in inner
+
+
+@pytest.mark.parametrize("encrypted, extra", [
+    ({"type": "pgp", "data": PGP_BLOCK}, {}),
+    ({"type": "pgp-mime", "data": "hello"}, {}),
+    ({"type": "pgp-mime", "data": PGP_BLOCK + "trailing text"}, {}),
+    ({"type": "pgp-mime", "data": PGP_BLOCK}, {"text": "in clear too?"}),
+    ({"type": "pgp-mime", "data": PGP_BLOCK, "key": "x"}, {}),
+    ({"type": "smime", "data": "not base64!"}, {}),
+    ({"type": "smime", "data": base64.b64encode(b"\x30" + b"\x00" * 40).decode()}, {}),  # not EnvelopedData
+    ("ciphertext", {}),
+])
+def test_bad_encrypted_content(encrypted, extra):
+    with pytest.raises(BadRequest):
+        _draft(encrypted=encrypted, **extra)
+
+
+@pytest.mark.parametrize("types, want", [
+    (["application/pgp-encrypted", "application/octet-stream"], "pgp-mime"),
+    (["application/pkcs7-mime"], "smime"), (["application/x-pkcs7-mime"], "smime"),
+    (["image/png"], None), ([], None),
+])
+def test_encryption_of_a_read_message(types, want):
+    assert rest.encryption_of([{"type": t} for t in types]) == want
+
+
+def test_send_encrypted_request_imports_then_submits():
+    d = _draft(encrypted={"type": "pgp-mime", "data": PGP_BLOCK})
+    doc = rest.send_encrypted_request("acct", {"id": "I1", "email": "alice@example.com"}, d, "B1", "drafts", "sent")
+    (imp, args, _), (sub, sargs, _) = doc["methodCalls"]
+    assert imp == "Email/import" and args["emails"]["draft"]["blobId"] == "B1"
+    assert sub == "EmailSubmission/set" and sargs["create"]["send"]["emailId"] == "#draft"
+    assert sargs["create"]["send"]["envelope"]["rcptTo"] == [{"email": "bob@example.org"}]
