@@ -61,7 +61,7 @@ setup() {
     bash tests/e2e/stack/status.sh >/dev/null || die "the JMAP stack is not answering"
     say "starting the second JMAP stack instance (tenant routing tests: carol@globex.example)"
     CYRUS_BASE=/var/lib/sge-jmap-stack-b HTTP_PORT=28080 IMAP_PORT=28143 TLS_PORT=28443 SMTP_PORT=28025 \
-      MUPDATE_PORT=28905 CYRUS_USERS="carol@globex.example:carolpw" PYTHON="$PY" CERTS_DIR="$HERE/certs-dev" \
+      MUPDATE_PORT=28905 SIEVE_PORT=28190 CYRUS_USERS="carol@globex.example:carolpw" PYTHON="$PY" CERTS_DIR="$HERE/certs-dev" \
       bash tests/e2e/stack/setup.sh >/tmp/sge-stack-b-setup.log 2>&1 \
       || { cat /tmp/sge-stack-b-setup.log >&2; die "the second JMAP stack instance did not start (log above)"; }
     CYRUS_BASE=/var/lib/sge-jmap-stack-b TLS_PORT=28443 bash tests/e2e/stack/status.sh >/dev/null \

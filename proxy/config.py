@@ -263,7 +263,7 @@ class Config:
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError:
                 raise ConfigError(f"trusted_proxies[{i}]", f"{cidr!r} is not an address or CIDR") from None
-        for proto in ("imap", "submission"):
+        for proto in ("imap", "submission", "sieve"):
             if (addr := getattr(self.mail, proto).listen) is not None:
                 parse_listen(addr, f"mail.{proto}.listen")
         if not 1 <= self.workers <= 256:

@@ -257,7 +257,8 @@ class Engine:
         """The IMAP and SMTP submission listeners, when configured (proxy.mail)."""
         import importlib
         for module, cls, opts in (("imap", "ImapServer", self.config.mail.imap),
-                                  ("smtp", "SubmissionServer", self.config.mail.submission)):
+                                  ("smtp", "SubmissionServer", self.config.mail.submission),
+                                  ("sieve", "SieveServer", self.config.mail.sieve)):
             if opts.listen is not None:
                 srv = getattr(importlib.import_module(f"proxy.{module}"), cls)(self, opts)
                 await srv.start()

@@ -37,14 +37,15 @@ if TYPE_CHECKING:
     from .engine import Engine
     from .target import Target
 
-__all__ = ["MailListenerOptions", "ImapOptions", "SubmissionOptions", "MailOptions", "SaslError",
+__all__ = ["MailListenerOptions", "ImapOptions", "SubmissionOptions", "MailOptions", "SieveOptions", "SaslError",
            "Credentials", "UpstreamLogin", "Grant", "MailGate", "parse_sasl", "sasl_plain",
            "oauthbearer", "relay", "close", "proxy_header", "endpoints", "mail_server_context", "ROUTES", "MAIL_ROUTES", "MailServer"]
 
 log = logging.getLogger("sge.mail")
 
 # what the chain sees of a mail login: method and path per protocol (policies match them)
-ROUTES = {"imap": ("IMAP", "/mail/imap"), "submission": ("SMTP", "/mail/submission")}
+ROUTES = {"imap": ("IMAP", "/mail/imap"), "submission": ("SMTP", "/mail/submission"),
+          "sieve": ("SIEVE", "/mail/sieve")}
 MAIL_ROUTES = frozenset(ROUTES)  # flow.route of a mail login (an HTTP request never gets these)
 MECHANISMS = ("PLAIN", "XOAUTH2", "OAUTHBEARER")
 
@@ -58,8 +59,8 @@ class MailListenerOptions:
       (TLS from the first byte, ports 993/465). The certificate is `tls.cert`/`tls.key` (certs-dev's
       when unset).
     upstream_port / upstream_tls: where the user's server takes this protocol: the host of its
-      JMAP URL and this port, over TLS with the client certificate (implicit) or, for a server on
-      this machine's loopback only, in clear (none). `upstreams` names another HOST:PORT per target
+      JMAP URL and this port, over TLS with the client certificate (implicit; starttls for
+      ManageSieve) or, for a server on this machine's loopback only, in clear (none). `upstreams` names another HOST:PORT per target
       name (the routes' server names: official, tenant:acme, ...).
     upstream_proxy_protocol: v1 or v2 sends HAProxy's PROXY protocol header first, so that the
       server sees the client's address (Stalwart's per-address limits, bans and logs) instead of
@@ -71,7 +72,7 @@ class MailListenerOptions:
     listen: str | None = None
     tls: Literal["starttls", "implicit"] = "starttls"
     upstream_port: int = 993
-    upstream_tls: Literal["implicit", "none"] = "implicit"
+    upstream_tls: Literal["implicit", "none", "starttls"] = "implicit"
     upstreams: dict[str, str] = field(default_factory=dict)
     upstream_proxy_protocol: Literal["off", "v1", "v2"] = "off"
     allow_plaintext_auth: bool = False
@@ -80,6 +81,7 @@ class MailListenerOptions:
     max_line: int = field(default=8192, metadata={"kind": "size"})
     max_sessions: int = 10_000
     failure_delay: float = field(default=1.0, metadata={"kind": "duration"})
+    starttls_upstream = False  # (not a field: whether the protocol upgrades the server's connection itself)
 
     def __post_init__(self) -> None:
         if not 1 <= self.upstream_port <= 65535:
@@ -88,6 +90,8 @@ class MailListenerOptions:
             raise ConfigError("max_line", "must be at least 512 bytes")
         if self.max_sessions < 1:
             raise ConfigError("max_sessions", "must be at least 1")
+        if self.upstream_tls == "starttls" and not self.starttls_upstream:
+            raise ConfigError("upstream_tls", "starttls is for ManageSieve (mail.sieve); use implicit or none")
         for name, addr in self.upstreams.items():
             if not isinstance(addr, str) or not addr.rpartition(":")[2].isdigit():
                 raise ConfigError(f"upstreams.{name}", f"expected HOST:PORT, got {addr!r}")
@@ -106,10 +110,28 @@ class SubmissionOptions(MailListenerOptions):
     hostname: str = "localhost"  # in the greeting and the EHLO the proxy sends upstream
 
 
+# what both Stalwart and Cyrus implement: the SIEVE capability shown before the login (proxy.sieve)
+DEFAULT_SIEVE_EXTENSIONS = ("fileinto reject envelope encoded-character vacation subaddress "
+                            "comparator-i;ascii-numeric relational regex imap4flags copy include variables "
+                            "body date index mailbox")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SieveOptions(MailListenerOptions):
+    """mail.sieve (ManageSieve, RFC 5804): as the other listeners, plus `sieve_extensions`, the
+    SIEVE capability shown before the login (the user's server is not known yet)."""
+    upstream_port: int = 4190
+    upstream_tls: Literal["implicit", "none", "starttls"] = "starttls"  # ManageSieve's usual
+    idle_timeout: float = field(default=1800.0, metadata={"kind": "duration"})
+    sieve_extensions: str = DEFAULT_SIEVE_EXTENSIONS
+    starttls_upstream = True
+
+
 @dataclass(frozen=True, kw_only=True)
 class MailOptions:
     imap: ImapOptions = field(default_factory=ImapOptions)
     submission: SubmissionOptions = field(default_factory=SubmissionOptions)
+    sieve: SieveOptions = field(default_factory=SieveOptions)
 
 
 def mail_server_context(engine: "Engine", alpn: str) -> ssl.SSLContext:
@@ -345,6 +367,13 @@ class MailGate:
             return host.strip("[]"), int(port)
         return target.host, opts.upstream_port
 
+    def tls_context(self, grant: Grant | None = None) -> ssl.SSLContext:
+        """The client-certificate TLS context for the server (it rotates: asked for each login)."""
+        ctx = self.engine.tls.ctx
+        if ctx is None:
+            raise LoginRefused(503, "No client certificate is loaded.", grant.flow if grant else None)
+        return ctx
+
     async def connect(self, opts: MailListenerOptions, grant: Grant, client: "Endpoints | None" = None
                       ) -> tuple["Target", asyncio.StreamReader, asyncio.StreamWriter]:
         """A connection to the first of the route's servers that takes one (TLS with the client
@@ -355,15 +384,15 @@ class MailGate:
         for target in grant.targets:
             host, port = self.address(opts, target)
             ctx = None
-            if opts.upstream_tls == "none" and not _loopback(host):
+            if opts.upstream_tls == "starttls":  # the protocol upgrades the connection itself
+                self.tls_context(grant)
+            elif opts.upstream_tls == "none" and not _loopback(host):
                 log.error("mail.%s.upstream_tls is none but %s is not a loopback address: refused",
                           self.protocol, host)
                 last = ConnectionRefusedError(f"{host} is not loopback")
                 continue
             if opts.upstream_tls == "implicit":
-                ctx = eng.tls.ctx
-                if ctx is None:
-                    raise LoginRefused(503, "No client certificate is loaded.", grant.flow)
+                ctx = self.tls_context(grant)
             limit = max(opts.max_line, 65536)
             try:
                 async with asyncio.timeout(eng.config.stalwart.connect_timeout):

@@ -9,6 +9,7 @@ import pytest
 from proxy.flow import Flow, Request
 from proxy.identity import Identity
 from proxy.imap import ImapSyntax, client_capabilities, literal_of, parse_command
+from proxy.sieve import SieveSyntax, parse_sieve_command, quoted
 from proxy.mail import (Credentials, LoginRefused, SaslError, UpstreamLogin, oauthbearer, parse_sasl, proxy_header,
                         sasl_plain, upstream_login)
 
@@ -159,3 +160,24 @@ def test_upstream_login_refused(mode, pairs):
 ])
 def test_proxy_protocol_headers(version, src, dst, want):
     assert proxy_header(version, src, dst) == want
+
+
+@pytest.mark.parametrize("data, want", [
+    (b'AUTHENTICATE "PLAIN" "AGFsaWNl"', ("AUTHENTICATE", [b"PLAIN", b"AGFsaWNl"])),
+    (b"capability", ("CAPABILITY", [])),
+    (b'NOOP "a \\"b\\" \\\\c"', ("NOOP", [b'a "b" \\c'])),
+    (b'PUTSCRIPT "x" \0', ("PUTSCRIPT", [b"x", b"\0"])),
+])
+def test_sieve_commands(data, want):
+    assert parse_sieve_command(data) == want
+
+
+@pytest.mark.parametrize("data", [b"", b'"PLAIN"', b"\0", b'NOOP "open', b'NOOP "bad\\q"', b"NOOP ab\0", b"4U"])
+def test_bad_sieve_commands(data):
+    with pytest.raises(SieveSyntax):
+        parse_sieve_command(data)
+
+
+def test_sieve_quoting_round_trips():
+    for s in ('plain', 'with "quotes"', "back\\slash"):
+        assert parse_sieve_command(b"X " + quoted(s).encode())[1] == [s.encode()]

@@ -19,7 +19,7 @@
 #   PYTHON [<repo>/.venv/bin/python if present, else /usr/bin/python3]
 #                     a python with `cryptography`, to run proxy.devcerts
 #   HTTP_PORT [18080] IMAP_PORT [18143] TLS_PORT [18443]
-#   SMTP_PORT [18025] MUPDATE_PORT [18905]      all bound to 127.0.0.1 only
+#   SMTP_PORT [18025] MUPDATE_PORT [18905] SIEVE_PORT [18190]   all bound to 127.0.0.1 only
 #   AUTHORIZE_AS [1]  1 = run as Murder backend + local mupdate master so that
 #                     admin Basic auth + "Authorize-As: user" works
 #   WITH_NGINX [1]    start the nginx mTLS terminator on TLS_PORT
@@ -45,6 +45,7 @@ IMAP_PORT=${IMAP_PORT:-18143}
 TLS_PORT=${TLS_PORT:-18443}
 SMTP_PORT=${SMTP_PORT:-18025}
 MUPDATE_PORT=${MUPDATE_PORT:-18905}
+SIEVE_PORT=${SIEVE_PORT:-18190}
 AUTHORIZE_AS=${AUTHORIZE_AS:-1}
 WITH_NGINX=${WITH_NGINX:-1}
 CYRUS_SYSLOG=${CYRUS_SYSLOG:-auto}
@@ -133,18 +134,25 @@ render() {
       -e "s|@ADMIN@|$ADMIN|g" -e "s|@ADMINPW@|$ADMINPW|g" \
       -e "s|@HTTP_PORT@|$HTTP_PORT|g" -e "s|@IMAP_PORT@|$IMAP_PORT|g" \
       -e "s|@TLS_PORT@|$TLS_PORT|g" -e "s|@SMTP_PORT@|$SMTP_PORT|g" \
-      -e "s|@MUPDATE_PORT@|$MUPDATE_PORT|g" \
+      -e "s|@MUPDATE_PORT@|$MUPDATE_PORT|g" -e "s|@SIEVE_PORT@|$SIEVE_PORT|g" \
       -e "s|@HTTP_PREFORK@|$HTTP_PREFORK|g" -e "s|@HTTP_MAXCHILD@|$HTTP_MAXCHILD|g" "$1"
 }
 
 RUNNING=0
 ours_alive "$BASE/run/master.pid" && RUNNING=1
+# a stack started from other templates (a service added since, another port) is restarted
+TEMPLATES_SHA=$(cat "$HERE"/conf/*.tmpl | sha256sum | cut -d' ' -f1)
+if [[ $RUNNING == 1 && "$(cat "$BASE/run/templates.sha256" 2>/dev/null)" != "$TEMPLATES_SHA" ]]; then
+  log "the running stack was started from other templates: restarting it"
+  CYRUS_BASE=$BASE bash "$HERE/stop.sh" >/dev/null 2>&1 || true
+  RUNNING=0
+fi
 
 # refuse to start on busy ports (else the readiness probe below could be
 # answered by somebody else's server on the same port)
 port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 if [[ $RUNNING == 0 ]]; then
-  for p in "$HTTP_PORT" "$IMAP_PORT" $( [[ $AUTHORIZE_AS == 1 ]] && echo "$MUPDATE_PORT" ); do
+  for p in "$HTTP_PORT" "$IMAP_PORT" "$SIEVE_PORT" $( [[ $AUTHORIZE_AS == 1 ]] && echo "$MUPDATE_PORT" ); do
     port_busy "$p" && die "port 127.0.0.1:$p is already in use (set HTTP_PORT/IMAP_PORT/... to free ports)"
   done
 fi
@@ -220,6 +228,7 @@ fi
 # ---------------------------------------------------------------- 6. cyrus
 if [[ $RUNNING == 0 ]]; then
   Tm=$(now)
+  echo "$TEMPLATES_SHA" > "$BASE/run/templates.sha256"
   "$CYRBIN/master" -C "$BASE/etc/imapd.conf" -M "$BASE/etc/cyrus.conf" \
       -p "$BASE/run/master.pid" -d -L "$BASE/log/master.err" \
       || die "master failed to start: $(tail -5 "$BASE/log/master.err")"
@@ -234,6 +243,7 @@ if [[ $RUNNING == 0 ]]; then
   done
   [[ $ready == 1 ]] || die "Cyrus httpd not ready on :$HTTP_PORT (see $BASE/log/syslog, $BASE/log/master.err)"
   wait_tcp 127.0.0.1 "$IMAP_PORT" 15 || die "Cyrus imapd not listening on :$IMAP_PORT"
+  wait_tcp 127.0.0.1 "$SIEVE_PORT" 15 || die "Cyrus timsieved not listening on :$SIEVE_PORT"
   CYRUS_READY_S=$(elapsed "$Tm")
   log "cyrus master up, httpd answering after ${CYRUS_READY_S}s"
   if [[ $AUTHORIZE_AS == 1 ]]; then
@@ -307,6 +317,7 @@ cat <<EOF
   JMAP (plain HTTP, Cyrus httpd) : http://127.0.0.1:$HTTP_PORT/jmap/   (session: /.well-known/jmap -> 301 /jmap)
   JMAP via nginx mTLS (TLS 1.3)  : https://127.0.0.1:$TLS_PORT/jmap/
   IMAP (plaintext LOGIN ok)      : 127.0.0.1:$IMAP_PORT
+  ManageSieve (timsieved)        : 127.0.0.1:$SIEVE_PORT
   SMTP sink (EmailSubmission)    : 127.0.0.1:$SMTP_PORT -> $BASE/smtp-sink/NNNNNN.{eml,json}
 $( [[ $AUTHORIZE_AS == 1 ]] && echo "  mupdate master (Murder)       : 127.0.0.1:$MUPDATE_PORT   (Authorize-As enabled for $ADMIN)" )
   users  : $CYRUS_USERS   admin: $ADMIN:$ADMINPW

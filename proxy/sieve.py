@@ -1,0 +1,316 @@
+"""The ManageSieve listener (RFC 5804 up to authentication): mail rules (Sieve scripts, RFC 5228)
+managed by the user's own mail client through the proxy. The proxy greets with its capabilities,
+offers STARTTLS, takes AUTHENTICATE (PLAIN, XOAUTH2, OAUTHBEARER), decides the login through the
+addon chain (proxy.mail: `SIEVE /mail/sieve`), logs in to the user's server on its own connection
+(usually STARTTLS on port 4190) and from then on relays bytes both ways: PUTSCRIPT, CHECKSCRIPT,
+SETACTIVE and the rest reach the server untouched.
+
+Before the login the SIEVE capability is the configured `sieve_extensions` (the user's server is
+not known yet); after it, CAPABILITY is the server's own. Credentials are refused on a connection
+without TLS unless `allow_plaintext_auth`; bytes that follow STARTTLS in the same read end the
+connection.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import re
+import time
+
+from . import mail
+from .mail import Credentials, Grant, LoginRefused, MailServer, SaslError, parse_sasl
+
+__all__ = ["SieveServer", "SieveSyntax", "parse_sieve_command", "quoted"]
+
+log = logging.getLogger("sge.mail.sieve")
+
+_LITERAL = re.compile(rb"\{(\d{1,10})\+?\}\r?\n\Z")
+_MAX_FAILURES = 3
+_BEARER_ERROR = base64.b64encode(b'{"status":"invalid_token"}').decode("ascii")
+
+
+class SieveSyntax(ValueError):
+    """A command the proxy cannot parse: answered NO."""
+
+
+def quoted(s: str) -> str:
+    """A ManageSieve quoted string."""
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def parse_sieve_command(data: bytes) -> tuple[str, list[bytes]]:
+    """A command: its upper-case name and its arguments, quoted strings unescaped; each NUL byte
+    stands for a literal, handed over separately (as in proxy.imap). Pure; SieveSyntax if
+    malformed."""
+    args: list[bytes] = []
+    i, n = 0, len(data)
+    while i < n:
+        c = data[i:i + 1]
+        if c == b" ":
+            i += 1
+            continue
+        if c == b'"':
+            out = bytearray()
+            i += 1
+            while True:
+                if i >= n:
+                    raise SieveSyntax("unterminated quoted string")
+                ch = data[i:i + 1]
+                if ch == b"\\":
+                    nxt = data[i + 1:i + 2]
+                    if nxt not in (b"\\", b'"'):
+                        raise SieveSyntax("bad escape in quoted string")
+                    out += nxt
+                    i += 2
+                    continue
+                if ch == b'"':
+                    i += 1
+                    break
+                if ch in (b"\r", b"\n", b"\0"):
+                    raise SieveSyntax("control character in quoted string")
+                out += ch
+                i += 1
+            args.append(bytes(out))
+            continue
+        j = data.find(b" ", i)
+        j = n if j < 0 else j
+        word = data[i:j]
+        if b"\0" in word and word != b"\0":
+            raise SieveSyntax("a literal must be an argument of its own")
+        args.append(word)
+        i = j
+    if not args or data.lstrip(b" ")[:1] == b'"' or not args[0].isalpha():
+        raise SieveSyntax("a command starts with its name")
+    return args[0].decode("ascii").upper(), args[1:]
+
+
+class SieveServer(MailServer):
+    protocol = "sieve"
+    alpn = "managesieve"
+    busy = b'BYE (TRYLATER) "Too many connections, try again later."\r\n'
+
+    # ------------------------------------------------------------------ reading
+    async def _command(self, reader: asyncio.StreamReader) -> tuple[str, list[bytes]]:
+        cap = self.opts.max_line
+        parts: list[bytes] = []
+        literals: list[bytes] = []
+        total = 0
+        while True:
+            line = await _line(reader, cap - total)
+            total += len(line)
+            if b"\0" in line:
+                raise SieveSyntax("NUL in a command")
+            m = _LITERAL.search(line)
+            if m is None:
+                parts.append(line.rstrip(b"\r\n"))
+                break
+            size = int(m.group(1))
+            if total + size > cap:
+                raise ConnectionError("literal too large")  # (non-synchronizing: it is on its way)
+            parts.append(line[:m.start()] + b"\0")
+            literals.append(await reader.readexactly(size))
+            total += size
+        name, args = parse_sieve_command(b"".join(parts))
+        it = iter(literals)
+        return name, [next(it) if a == b"\0" else a for a in args]
+
+    async def _string(self, reader: asyncio.StreamReader) -> bytes:
+        """One string from the client (a SASL response): quoted or a literal."""
+        line = await _line(reader, self.opts.max_line)
+        m = _LITERAL.search(line)
+        if m is not None:
+            data = await reader.readexactly(int(m.group(1)))
+            await _line(reader, 2)  # the CRLF after it
+            return data
+        args = parse_sieve_command(b"X " + line.rstrip(b"\r\n"))[1]
+        if len(args) != 1:
+            raise SieveSyntax("expected one string")
+        return args[0]
+
+    # ------------------------------------------------------------------ the session
+    def _capabilities(self, writer: asyncio.StreamWriter) -> bytes:
+        tls = writer.get_extra_info("sslcontext") is not None
+        mechs = " ".join(mail.MECHANISMS) if mail.plaintext_allowed(self.opts, writer) else ""
+        lines = ['"IMPLEMENTATION" "sge-mail-proxy"', f'"SASL" "{mechs}"',
+                 f'"SIEVE" {quoted(self.opts.sieve_extensions)}', '"VERSION" "1.0"']
+        if not tls and self.opts.tls == "starttls":
+            lines.append('"STARTTLS"')
+        return ("\r\n".join(lines) + "\r\nOK\r\n").encode()
+
+    async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = (writer.get_extra_info("peername") or ("",))[0]
+        writer.write(self._capabilities(writer))
+        failures = 0
+        try:
+            async with asyncio.timeout(self.opts.login_timeout):
+                while True:
+                    await writer.drain()
+                    try:
+                        name, args = await self._command(reader)
+                    except SieveSyntax as e:
+                        writer.write(f"NO {quoted(str(e))}\r\n".encode())
+                        continue
+                    if self.stopping:
+                        writer.write(b'BYE (TRYLATER) "The proxy is shutting down."\r\n')
+                        return
+                    done = await self._dispatch(name, args, reader, writer, peer)
+                    if done is True:
+                        return
+                    if done is False:
+                        failures += 1
+                        if failures >= _MAX_FAILURES:
+                            writer.write(b'BYE "Too many failed logins."\r\n')
+                            return
+                    if isinstance(done, tuple):
+                        break
+        except TimeoutError:
+            writer.write(b'BYE "No login in time."\r\n')
+            return
+        except asyncio.LimitOverrunError:
+            writer.write(b'BYE "Line too long."\r\n')
+            return
+        await self.relay_session((reader, writer), *done)
+
+    async def _dispatch(self, name: str, args: list[bytes], reader: asyncio.StreamReader,
+                        writer: asyncio.StreamWriter, peer: str):
+        """None: go on; True: the session ends; False: a failed login; a tuple: logged in."""
+        w = writer.write
+        if name == "CAPABILITY":
+            w(self._capabilities(writer))
+        elif name == "NOOP":
+            tag = f" (TAG {quoted(args[0].decode('utf-8', 'replace'))})" if args else ""
+            w(f'OK{tag} "Done"\r\n'.encode())
+        elif name == "LOGOUT":
+            w(b'OK "Logout complete"\r\n')
+            return True
+        elif name == "STARTTLS":
+            if writer.get_extra_info("sslcontext") is not None or self.opts.tls != "starttls":
+                w(b'NO "STARTTLS is not available here"\r\n')
+                return None
+            if reader._buffer:  # type: ignore[attr-defined]  # bytes sent in clear behind STARTTLS
+                w(b'NO "Nothing may follow STARTTLS before the handshake"\r\n')
+                return True
+            w(b'OK "Begin TLS negotiation now"\r\n')
+            await writer.drain()
+            await writer.start_tls(self.tls_ctx)
+            w(self._capabilities(writer))  # RFC 5804 2.2: the capabilities again, after the handshake
+        elif name == "AUTHENTICATE":
+            if not mail.plaintext_allowed(self.opts, writer):
+                w(b'NO (ENCRYPT-NEEDED) "Use STARTTLS before logging in"\r\n')
+                return None
+            if not args or len(args) > 2:
+                w(b'NO "AUTHENTICATE takes a mechanism and an optional initial response"\r\n')
+                return None
+            mech = args[0].decode("ascii", "replace").upper()
+            if mech not in mail.MECHANISMS:
+                w(b'NO "Unsupported mechanism"\r\n')
+                return None
+            try:
+                if len(args) == 2:
+                    response = args[1]
+                else:
+                    w(b'""\r\n')
+                    await writer.drain()
+                    response = await self._string(reader)
+                    if response == b"*":
+                        w(b'NO "Authentication cancelled"\r\n')
+                        return None
+                creds = parse_sasl(mech, response.decode("ascii", "replace"))
+            except (SaslError, SieveSyntax) as e:
+                w(f"NO {quoted(str(e))}\r\n".encode())
+                return None
+            return await self._login(creds, mech, reader, writer, peer)
+        else:
+            w(b'NO "Authenticate first"\r\n')
+        return None
+
+    async def _login(self, creds: Credentials, mech: str, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter, peer: str):
+        audit = self.engine.audit
+        try:
+            grant = await self.gate.login(creds, peer)
+            target, ur, uw = await self.gate.connect(self.opts, grant, mail.endpoints(writer))
+        except LoginRefused as e:
+            if e.flow is not None:
+                audit.event("mail.login_refused", e.flow, protocol="sieve", status=e.status, mechanism=mech)
+                mail.session_log(self.engine, e.flow, e.status, {"in": 0, "out": 0})
+            if mech in ("XOAUTH2", "OAUTHBEARER") and e.status == 401:  # RFC 7628 3.2.2
+                writer.write(f'"{_BEARER_ERROR}"\r\n'.encode())
+                await writer.drain()
+                await self._string(reader)
+            await self._refuse(e.status, writer)
+            return False
+        started = time.perf_counter()
+        try:
+            await self._upstream_login(target, grant, ur, uw)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError) as e:
+            await mail.close(uw)
+            self.gate.logins.labels("sieve", "failed").inc()
+            audit.event("mail.login_refused", grant.flow, protocol="sieve", status=502, reason=type(e).__name__)
+            log.warning("sieve login at %s failed: %s", target.name, type(e).__name__)
+            mail.session_log(self.engine, grant.flow, 502, {"in": 0, "out": 0})
+            writer.write(b'NO (TRYLATER) "The mail server did not take the login"\r\n')
+            return False
+        grant.flow.upstream_ms = (time.perf_counter() - started) * 1000
+        self.gate.logins.labels("sieve", "ok").inc()
+        audit.event("mail.login", grant.flow, protocol="sieve", mechanism=mech, server=target.name)
+        writer.write(b'OK "Logged in"\r\n')
+        await writer.drain()
+        return grant, ur, uw
+
+    async def _refuse(self, status: int, writer: asyncio.StreamWriter) -> None:
+        if status == 401:
+            await asyncio.sleep(self.opts.failure_delay)
+            writer.write(b'NO "Authentication failed"\r\n')
+        elif status == 403:
+            writer.write(b'NO "Not allowed to manage mail rules here"\r\n')
+        else:  # 429, no server, the chain failing
+            writer.write(b'NO (TRYLATER) "Try again later"\r\n')
+
+    async def _upstream_login(self, target, grant: Grant, ur: asyncio.StreamReader,
+                              uw: asyncio.StreamWriter) -> None:
+        """The server's capabilities, STARTTLS when configured (then its capabilities again),
+        then AUTHENTICATE with an initial response. ValueError unless it ends with OK."""
+        limit = max(self.opts.max_line, 65536)
+        async with asyncio.timeout(self.engine.config.stalwart.request_timeout):
+            await _until_ok(ur, limit)
+            if self.opts.upstream_tls == "starttls":
+                uw.write(b"STARTTLS\r\n")
+                await uw.drain()
+                if not (await _line(ur, limit)).upper().startswith(b"OK"):
+                    raise ValueError("the server refused STARTTLS")
+                await uw.start_tls(self.gate.tls_context(), server_hostname=target.host)
+                await _until_ok(ur, limit)
+            login = grant.login
+            uw.write(f'AUTHENTICATE "{login.mechanism}" "{login.initial_response()}"\r\n'.encode("ascii"))
+            await uw.drain()
+            line = await _line(ur, limit)
+            if line.startswith((b'"', b"{")):  # a challenge: RFC 7628's error; the dummy answer
+                if line.startswith(b"{"):
+                    await ur.readexactly(int(_LITERAL.search(line).group(1)))  # type: ignore[union-attr]
+                    await _line(ur, limit)
+                uw.write(b'"AQ=="\r\n')
+                await uw.drain()
+                line = await _line(ur, limit)
+            if not line.upper().startswith(b"OK"):
+                raise ValueError("the server refused the login")
+
+
+async def _until_ok(reader: asyncio.StreamReader, cap: int) -> None:
+    """Read a capability listing up to its OK (NO or BYE: ValueError)."""
+    for _ in range(200):
+        line = await _line(reader, cap)
+        head = line[:3].upper()
+        if head.startswith(b"OK"):
+            return
+        if head.startswith(b"NO") or head == b"BYE":
+            raise ValueError("the server said no")
+    raise ValueError("no end to the server's capabilities")
+
+
+async def _line(reader: asyncio.StreamReader, cap: int) -> bytes:
+    line = await reader.readuntil(b"\n")
+    if len(line) > max(cap, 2):
+        raise asyncio.LimitOverrunError("line too long", len(line))
+    return line
