@@ -113,7 +113,10 @@ class PathRules:
 @dataclass(frozen=True, kw_only=True)
 class PathAllowlistOptions:
     """[addons.path_allowlist]"""
-    extra_paths: tuple[str, ...] = ("/api/v1/mail/**", "/api/v1/openapi.json")  # the REST facade answers these
+    # the REST facade answers the first two; CalDAV/CardDAV (the dav_guard addon keeps each user
+    # to their own collections) the rest
+    extra_paths: tuple[str, ...] = ("/api/v1/mail/**", "/api/v1/openapi.json", "/dav", "/dav/**",
+                                    "/.well-known/caldav", "/.well-known/carddav")
     scanner_patterns: tuple[str, ...] = STALWART_SCAN_PATHS
 
     def __post_init__(self) -> None:

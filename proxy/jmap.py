@@ -139,7 +139,7 @@ def request_of(flow: "Flow") -> JmapRequest | None:
 
 def route_class(path: str, jmap_path: str = "/jmap") -> str:
     """A bounded label for metrics and logs: session, api, upload, download, eventsource,
-    websocket, rest, other."""
+    websocket, rest, dav (CalDAV/CardDAV), other."""
     if path == "/.well-known/jmap":
         return "session"
     base = jmap_path.rstrip("/")
@@ -157,6 +157,8 @@ def route_class(path: str, jmap_path: str = "/jmap") -> str:
         return "jmap_other"
     if path.startswith("/api/v1/mail"):
         return "rest"
+    if path.startswith("/dav/") or path == "/dav" or path.startswith("/.well-known/ca"):
+        return "dav"
     return "other"
 
 
