@@ -18,14 +18,14 @@ import re
 import time
 
 from . import mail
-from .mail import Credentials, LoginRefused, MailServer, SaslError, parse_sasl, plaintext_allowed
+from .mail import (CommandSyntax, Credentials, LoginRefused, MailServer, SaslError, literal_of, parse_sasl,
+                   plaintext_allowed, read_command, read_line, split_args)
 
-__all__ = ["ImapServer", "ImapSyntax", "parse_command", "literal_of", "client_capabilities"]
+__all__ = ["ImapServer", "ImapSyntax", "parse_command", "command_of", "literal_of", "client_capabilities"]
 
 log = logging.getLogger("sge.mail.imap")
 
 _TAG = re.compile(rb"[!#$&',\-./0-9:;<=>?@A-Z\[\]^_`a-z|}~]+")
-_LITERAL = re.compile(rb"\{(\d{1,10})(\+?)\}\r?\n\Z")
 _MAX_FAILURES = 3
 _CAPABILITY_CODE = re.compile(r"\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)
 # what the server says of the pre-login phase on its own connection with the proxy: nothing the
@@ -33,68 +33,27 @@ _CAPABILITY_CODE = re.compile(r"\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)
 _PRE_LOGIN_CAPS = re.compile(r"(?:STARTTLS|LOGINDISABLED|SASL-IR|AUTH=\S+)\Z", re.IGNORECASE)
 
 
-class ImapSyntax(ValueError):
+class ImapSyntax(CommandSyntax):
     """A command the proxy cannot parse: answered BAD."""
 
 
-def literal_of(line: bytes) -> tuple[int, bool] | None:
-    """(size, synchronizing) when `line` ends with a literal's announcement: {5} or {5+}."""
-    m = _LITERAL.search(line)
-    if m is None:
-        return None
-    return int(m.group(1)), m.group(2) != b"+"
-
-
 def parse_command(data: bytes) -> tuple[str, str, list[bytes]]:
-    """Split a command into tag, upper-case name and arguments: atoms and quoted strings
-    (unescaped); each NUL byte stands for a literal, which the reader put there in place of its
-    announcement ({5}) and hands over separately. Pure; ImapSyntax if malformed."""
-    args: list[bytes] = []
-    i, n = 0, len(data)
-    while i < n:
-        c = data[i:i + 1]
-        if c == b" ":
-            i += 1
-            continue
-        if c == b'"':
-            out = bytearray()
-            i += 1
-            while True:
-                if i >= n:
-                    raise ImapSyntax("unterminated quoted string")
-                ch = data[i:i + 1]
-                if ch == b"\\":
-                    nxt = data[i + 1:i + 2]
-                    if nxt not in (b"\\", b'"'):
-                        raise ImapSyntax("bad escape in quoted string")
-                    out += nxt
-                    i += 2
-                    continue
-                if ch == b'"':
-                    i += 1
-                    break
-                if ch in (b"\r", b"\n", b"\0"):
-                    raise ImapSyntax("control character in quoted string")
-                out += ch
-                i += 1
-            args.append(bytes(out))
-            continue
-        if c == b"\0":  # the reader's marker: the next literal in order
-            args.append(b"\0")
-            i += 1
-            continue
-        j = data.find(b" ", i)
-        j = n if j < 0 else j
-        if b"\0" in data[i:j]:
-            raise ImapSyntax("a literal must be an argument of its own")
-        args.append(data[i:j])
-        i = j
-    if len(args) < 2:
+    """Split a command line into tag, upper-case name and arguments (proxy.mail.split_args:
+    atoms, quoted strings, a NUL for each literal). Pure; ImapSyntax if malformed."""
+    try:
+        return command_of(split_args(data))
+    except CommandSyntax as e:
+        raise ImapSyntax(str(e)) from None
+
+
+def command_of(words: list[bytes]) -> tuple[str, str, list[bytes]]:
+    """Tag, upper-case name and arguments of a command's words. Pure; ImapSyntax if malformed."""
+    if len(words) < 2:
         raise ImapSyntax("a command is a tag and a name")
-    tag, name = args[0], args[1]
+    tag, name = words[0], words[1]
     if not _TAG.fullmatch(tag) or b"\0" in name:
         raise ImapSyntax("invalid tag")
-    return tag.decode("ascii"), name.decode("ascii", "replace").upper(), args[2:]
+    return tag.decode("ascii"), name.decode("ascii", "replace").upper(), words[2:]
 
 
 def client_capabilities(text: str) -> str:
@@ -115,33 +74,14 @@ class ImapServer(MailServer):
                        ) -> tuple[str, str, list[bytes]]:
         """One command, literals included (synchronizing ones get a continuation request), at
         most `max_line` bytes in all."""
-        cap = self.opts.max_line
-        parts: list[bytes] = []
-        literals: list[bytes] = []
-        total = 0
-        while True:
-            line = await _line(reader, cap - total)
-            total += len(line)
-            if b"\0" in line:
-                raise ImapSyntax("NUL in a command")
-            lit = literal_of(line)
-            if lit is None:
-                parts.append(line.rstrip(b"\r\n"))
-                break
-            size, sync = lit
-            parts.append(line[:_LITERAL.search(line).start()] + b"\0")  # type: ignore[union-attr]
-            if total + size > cap:
-                if sync:  # nothing sent yet: refuse it and read on
-                    raise ImapSyntax("literal too large")
-                raise ConnectionError("non-synchronizing literal too large")
-            if sync:
-                writer.write(b"+ Ready for literal data\r\n")
-                await writer.drain()
-            literals.append(await reader.readexactly(size))
-            total += size
-        tag, name, args = parse_command(b"".join(parts))
-        it = iter(literals)
-        return tag, name, [next(it) if a == b"\0" else a for a in args]
+        async def go_ahead() -> None:
+            writer.write(b"+ Ready for literal data\r\n")
+            await writer.drain()
+
+        try:
+            return command_of(await read_command(reader, self.opts.max_line, go_ahead))
+        except CommandSyntax as e:
+            raise ImapSyntax(str(e)) from None
 
     # ------------------------------------------------------------------ the session
     def _capabilities(self, writer: asyncio.StreamWriter) -> str:
@@ -252,7 +192,7 @@ class ImapServer(MailServer):
         else:
             writer.write(b"+ \r\n")
             await writer.drain()
-            response = (await _line(reader, self.opts.max_line)).rstrip(b"\r\n")
+            response = (await read_line(reader, self.opts.max_line)).rstrip(b"\r\n")
             if response == b"*":
                 writer.write(f"{tag} BAD AUTHENTICATE cancelled\r\n".encode())
                 return None, mech
@@ -273,7 +213,7 @@ class ImapServer(MailServer):
                 err = base64.b64encode(b'{"status":"invalid_token"}').decode()
                 writer.write(f"+ {err}\r\n".encode())
                 await writer.drain()
-                await _line(reader, self.opts.max_line)
+                await read_line(reader, self.opts.max_line)
             await self._refuse(tag, e.status, writer)
             return False
         started = time.perf_counter()
@@ -312,14 +252,14 @@ class ImapServer(MailServer):
         the server's tagged OK (its CAPABILITY response code included) for the client."""
         limit = max(self.opts.max_line, 65536)
         async with asyncio.timeout(self.engine.config.stalwart.request_timeout):
-            greeting = await _line(ur, limit)
+            greeting = await read_line(ur, limit)
             if not greeting.startswith(b"* OK"):
                 raise ValueError(f"unexpected greeting {greeting[:80]!r}")
             login = grant.login
             ir = login.initial_response()
             uw.write(f"A1 AUTHENTICATE {login.mechanism} {ir}\r\n".encode("ascii"))
             while True:
-                line = await _line(ur, limit)
+                line = await read_line(ur, limit)
                 if line.startswith(b"+"):
                     # SASL-IR ignored (the response again) or an error challenge (an empty answer)
                     error = login.mechanism == "OAUTHBEARER" and len(line.strip()) > 1
@@ -330,14 +270,3 @@ class ImapServer(MailServer):
                     if status.upper() != b"OK":
                         raise ValueError(f"the server answered {status.decode('ascii', 'replace')}")
                     return client_capabilities(text.decode("utf-8", "replace")) or "Logged in"
-
-
-async def _line(reader: asyncio.StreamReader, cap: int) -> bytes:
-    """One line (LF-terminated, CR optional), at most `cap` bytes; EOF: IncompleteReadError."""
-    try:
-        line = await reader.readuntil(b"\n")
-    except asyncio.LimitOverrunError:
-        raise
-    if len(line) > max(cap, 2):
-        raise asyncio.LimitOverrunError("line too long", len(line))
-    return line

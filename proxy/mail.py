@@ -21,12 +21,13 @@ import base64
 import binascii
 import ipaddress
 import logging
+import re
 import ssl
 import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Awaitable, Callable, Literal
 
 from .errors import ConfigError, ProxyError
 from .flow import Flow, Request
@@ -39,7 +40,8 @@ if TYPE_CHECKING:
 
 __all__ = ["MailListenerOptions", "ImapOptions", "SubmissionOptions", "MailOptions", "SieveOptions", "SaslError",
            "Credentials", "UpstreamLogin", "Grant", "MailGate", "parse_sasl", "sasl_plain",
-           "oauthbearer", "relay", "close", "proxy_header", "endpoints", "mail_server_context", "ROUTES", "MAIL_ROUTES", "MailServer"]
+           "oauthbearer", "relay", "close", "CommandSyntax", "literal_of", "split_args", "read_line",
+           "read_command", "proxy_header", "endpoints", "mail_server_context", "ROUTES", "MAIL_ROUTES", "MailServer"]
 
 log = logging.getLogger("sge.mail")
 
@@ -225,6 +227,107 @@ def oauthbearer(user: str, token: str) -> str:
     """An OAUTHBEARER initial response (RFC 7628), base64."""
     a = user.replace("=", "=3D").replace(",", "=2C")
     return base64.b64encode(f"n,a={a},\x01auth=Bearer {token}\x01\x01".encode("utf-8")).decode("ascii")
+
+
+# ---------------------------------------------------------------------------- command syntax
+class CommandSyntax(ValueError):
+    """A command line the proxy cannot parse (IMAP answers BAD, ManageSieve NO)."""
+
+
+_LITERAL = re.compile(rb"\{(\d{1,10})(\+?)\}\r?\n\Z")
+
+
+def literal_of(line: bytes) -> tuple[int, bool] | None:
+    """(size, synchronizing) when `line` ends with a literal's announcement: {5} or {5+}
+    (IMAP and ManageSieve write them alike). Pure."""
+    m = _LITERAL.search(line)
+    if m is None:
+        return None
+    return int(m.group(1)), m.group(2) != b"+"
+
+
+def split_args(data: bytes) -> list[bytes]:
+    """The words of a command line: atoms, and quoted strings unescaped (\\ and \"); each NUL
+    byte stands for a literal, which `read_command` put there in place of its announcement and
+    hands over separately. Pure; CommandSyntax if malformed."""
+    args: list[bytes] = []
+    i, n = 0, len(data)
+    while i < n:
+        c = data[i:i + 1]
+        if c == b" ":
+            i += 1
+            continue
+        if c == b'"':
+            out = bytearray()
+            i += 1
+            while True:
+                if i >= n:
+                    raise CommandSyntax("unterminated quoted string")
+                ch = data[i:i + 1]
+                if ch == b"\\":
+                    nxt = data[i + 1:i + 2]
+                    if nxt not in (b"\\", b'"'):
+                        raise CommandSyntax("bad escape in quoted string")
+                    out += nxt
+                    i += 2
+                    continue
+                if ch == b'"':
+                    i += 1
+                    break
+                if ch in (b"\r", b"\n", b"\0"):
+                    raise CommandSyntax("control character in quoted string")
+                out += ch
+                i += 1
+            args.append(bytes(out))
+            continue
+        j = data.find(b" ", i)
+        j = n if j < 0 else j
+        word = data[i:j]
+        if b"\0" in word and word != b"\0":
+            raise CommandSyntax("a literal must be an argument of its own")
+        args.append(word)
+        i = j
+    return args
+
+
+async def read_line(reader: asyncio.StreamReader, cap: int) -> bytes:
+    """One line (LF-terminated, CR optional), at most `cap` bytes (LimitOverrunError beyond);
+    EOF: IncompleteReadError."""
+    line = await reader.readuntil(b"\n")
+    if len(line) > max(cap, 2):
+        raise asyncio.LimitOverrunError("line too long", len(line))
+    return line
+
+
+async def read_command(reader: asyncio.StreamReader, cap: int,
+                       go_ahead: "Callable[[], Awaitable[None]] | None") -> list[bytes]:
+    """One command's words, literals included, at most `cap` bytes in all. A synchronizing
+    literal waits for `go_ahead()` (IMAP's continuation request); without one (ManageSieve)
+    every literal is taken as it comes."""
+    parts: list[bytes] = []
+    literals: list[bytes] = []
+    total = 0
+    while True:
+        line = await read_line(reader, cap - total)
+        total += len(line)
+        if b"\0" in line:
+            raise CommandSyntax("NUL in a command")
+        lit = literal_of(line)
+        if lit is None:
+            parts.append(line.rstrip(b"\r\n"))
+            break
+        size, sync = lit
+        parts.append(line[:_LITERAL.search(line).start()] + b"\0")  # type: ignore[union-attr]
+        if total + size > cap:
+            if sync and go_ahead is not None:  # nothing sent yet: refuse it, read on
+                raise CommandSyntax("literal too large")
+            raise ConnectionError("a literal too large is on its way")
+        if sync and go_ahead is not None:
+            await go_ahead()
+        literals.append(await reader.readexactly(size))
+        total += size
+    it = iter(literals)
+    return [next(it) if a == b"\0" else a for a in split_args(b"".join(parts))]
 
 
 # ---------------------------------------------------------------------------- the login decision

@@ -15,22 +15,21 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-import re
 import time
 
 from . import mail
-from .mail import Credentials, Grant, LoginRefused, MailServer, SaslError, parse_sasl
+from .mail import (CommandSyntax, Credentials, Grant, LoginRefused, MailServer, SaslError, literal_of, parse_sasl,
+                   read_command, read_line, split_args)
 
 __all__ = ["SieveServer", "SieveSyntax", "parse_sieve_command", "quoted"]
 
 log = logging.getLogger("sge.mail.sieve")
 
-_LITERAL = re.compile(rb"\{(\d{1,10})\+?\}\r?\n\Z")
 _MAX_FAILURES = 3
 _BEARER_ERROR = base64.b64encode(b'{"status":"invalid_token"}').decode("ascii")
 
 
-class SieveSyntax(ValueError):
+class SieveSyntax(CommandSyntax):
     """A command the proxy cannot parse: answered NO."""
 
 
@@ -40,49 +39,20 @@ def quoted(s: str) -> str:
 
 
 def parse_sieve_command(data: bytes) -> tuple[str, list[bytes]]:
-    """A command: its upper-case name and its arguments, quoted strings unescaped; each NUL byte
-    stands for a literal, handed over separately (as in proxy.imap). Pure; SieveSyntax if
-    malformed."""
-    args: list[bytes] = []
-    i, n = 0, len(data)
-    while i < n:
-        c = data[i:i + 1]
-        if c == b" ":
-            i += 1
-            continue
-        if c == b'"':
-            out = bytearray()
-            i += 1
-            while True:
-                if i >= n:
-                    raise SieveSyntax("unterminated quoted string")
-                ch = data[i:i + 1]
-                if ch == b"\\":
-                    nxt = data[i + 1:i + 2]
-                    if nxt not in (b"\\", b'"'):
-                        raise SieveSyntax("bad escape in quoted string")
-                    out += nxt
-                    i += 2
-                    continue
-                if ch == b'"':
-                    i += 1
-                    break
-                if ch in (b"\r", b"\n", b"\0"):
-                    raise SieveSyntax("control character in quoted string")
-                out += ch
-                i += 1
-            args.append(bytes(out))
-            continue
-        j = data.find(b" ", i)
-        j = n if j < 0 else j
-        word = data[i:j]
-        if b"\0" in word and word != b"\0":
-            raise SieveSyntax("a literal must be an argument of its own")
-        args.append(word)
-        i = j
-    if not args or data.lstrip(b" ")[:1] == b'"' or not args[0].isalpha():
+    """A command line: its upper-case name and its arguments (proxy.mail.split_args). Pure;
+    SieveSyntax if malformed."""
+    if data.lstrip(b" ")[:1] == b'"':
         raise SieveSyntax("a command starts with its name")
-    return args[0].decode("ascii").upper(), args[1:]
+    try:
+        return command_of(split_args(data))
+    except CommandSyntax as e:
+        raise SieveSyntax(str(e)) from None
+
+
+def command_of(words: list[bytes]) -> tuple[str, list[bytes]]:
+    if not words or not words[0].isalpha():
+        raise SieveSyntax("a command starts with its name")
+    return words[0].decode("ascii").upper(), words[1:]
 
 
 class SieveServer(MailServer):
@@ -92,36 +62,20 @@ class SieveServer(MailServer):
 
     # ------------------------------------------------------------------ reading
     async def _command(self, reader: asyncio.StreamReader) -> tuple[str, list[bytes]]:
-        cap = self.opts.max_line
-        parts: list[bytes] = []
-        literals: list[bytes] = []
-        total = 0
-        while True:
-            line = await _line(reader, cap - total)
-            total += len(line)
-            if b"\0" in line:
-                raise SieveSyntax("NUL in a command")
-            m = _LITERAL.search(line)
-            if m is None:
-                parts.append(line.rstrip(b"\r\n"))
-                break
-            size = int(m.group(1))
-            if total + size > cap:
-                raise ConnectionError("literal too large")  # (non-synchronizing: it is on its way)
-            parts.append(line[:m.start()] + b"\0")
-            literals.append(await reader.readexactly(size))
-            total += size
-        name, args = parse_sieve_command(b"".join(parts))
-        it = iter(literals)
-        return name, [next(it) if a == b"\0" else a for a in args]
+        """One command, literals included (ManageSieve's client literals never wait), at most
+        `max_line` bytes in all."""
+        try:
+            return command_of(await read_command(reader, self.opts.max_line, None))
+        except CommandSyntax as e:
+            raise SieveSyntax(str(e)) from None
 
     async def _string(self, reader: asyncio.StreamReader) -> bytes:
         """One string from the client (a SASL response): quoted or a literal."""
-        line = await _line(reader, self.opts.max_line)
-        m = _LITERAL.search(line)
-        if m is not None:
-            data = await reader.readexactly(int(m.group(1)))
-            await _line(reader, 2)  # the CRLF after it
+        line = await read_line(reader, self.opts.max_line)
+        lit = literal_of(line)
+        if lit is not None:
+            data = await reader.readexactly(lit[0])
+            await read_line(reader, 2)  # the CRLF after it
             return data
         args = parse_sieve_command(b"X " + line.rstrip(b"\r\n"))[1]
         if len(args) != 1:
@@ -278,21 +232,21 @@ class SieveServer(MailServer):
             if self.opts.upstream_tls == "starttls":
                 uw.write(b"STARTTLS\r\n")
                 await uw.drain()
-                if not (await _line(ur, limit)).upper().startswith(b"OK"):
+                if not (await read_line(ur, limit)).upper().startswith(b"OK"):
                     raise ValueError("the server refused STARTTLS")
                 await uw.start_tls(self.gate.tls_context(), server_hostname=target.host)
                 await _until_ok(ur, limit)
             login = grant.login
             uw.write(f'AUTHENTICATE "{login.mechanism}" "{login.initial_response()}"\r\n'.encode("ascii"))
             await uw.drain()
-            line = await _line(ur, limit)
+            line = await read_line(ur, limit)
             if line.startswith((b'"', b"{")):  # a challenge: RFC 7628's error; the dummy answer
                 if line.startswith(b"{"):
-                    await ur.readexactly(int(_LITERAL.search(line).group(1)))  # type: ignore[union-attr]
-                    await _line(ur, limit)
+                    await ur.readexactly((literal_of(line) or (0, False))[0])
+                    await read_line(ur, limit)
                 uw.write(b'"AQ=="\r\n')
                 await uw.drain()
-                line = await _line(ur, limit)
+                line = await read_line(ur, limit)
             if not line.upper().startswith(b"OK"):
                 raise ValueError("the server refused the login")
 
@@ -300,17 +254,10 @@ class SieveServer(MailServer):
 async def _until_ok(reader: asyncio.StreamReader, cap: int) -> None:
     """Read a capability listing up to its OK (NO or BYE: ValueError)."""
     for _ in range(200):
-        line = await _line(reader, cap)
+        line = await read_line(reader, cap)
         head = line[:3].upper()
         if head.startswith(b"OK"):
             return
         if head.startswith(b"NO") or head == b"BYE":
             raise ValueError("the server said no")
     raise ValueError("no end to the server's capabilities")
-
-
-async def _line(reader: asyncio.StreamReader, cap: int) -> bytes:
-    line = await reader.readuntil(b"\n")
-    if len(line) > max(cap, 2):
-        raise asyncio.LimitOverrunError("line too long", len(line))
-    return line
