@@ -26,7 +26,8 @@ __all__ = ["ImapServer", "ImapSyntax", "parse_command", "command_of", "literal_o
 log = logging.getLogger("sge.mail.imap")
 
 _TAG = re.compile(rb"[!#$&',\-./0-9:;<=>?@A-Z\[\]^_`a-z|}~]+")
-_MAX_FAILURES = 3
+_BYE = {"failures": b"* BYE Too many failed logins.\r\n", "timeout": b"* BYE Autologout: no login in time.\r\n",
+        "long": b"* BYE Command line too long.\r\n"}
 _CAPABILITY_CODE = re.compile(r"\[CAPABILITY ([^\]]*)\]", re.IGNORECASE)
 # what the server says of the pre-login phase on its own connection with the proxy: nothing the
 # client may act on once logged in
@@ -98,36 +99,21 @@ class ImapServer(MailServer):
     async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = (writer.get_extra_info("peername") or ("",))[0]
         writer.write(f"* OK [CAPABILITY {self._capabilities(writer)}] sge-mail-proxy IMAP ready\r\n".encode())
-        failures = 0
-        try:
-            async with asyncio.timeout(self.opts.login_timeout):
-                while True:
-                    await writer.drain()
-                    try:
-                        tag, name, args = await self._command(reader, writer)
-                    except ImapSyntax as e:
-                        writer.write(f"* BAD {e}\r\n".encode())
-                        continue
-                    if self.stopping:
-                        writer.write(b"* BYE [UNAVAILABLE] The proxy is shutting down.\r\n")
-                        return
-                    done = await self._dispatch(tag, name, args, reader, writer, peer)
-                    if done is True:
-                        return
-                    if done is False:
-                        failures += 1
-                        if failures >= _MAX_FAILURES:
-                            writer.write(b"* BYE Too many failed logins.\r\n")
-                            return
-                    if isinstance(done, tuple):
-                        break
-        except TimeoutError:
-            writer.write(b"* BYE Autologout: no login in time.\r\n")
-            return
-        except asyncio.LimitOverrunError:
-            writer.write(b"* BYE Command line too long.\r\n")
-            return
-        await self.relay_session((reader, writer), *done)
+
+        async def step() -> object:
+            try:
+                tag, name, args = await self._command(reader, writer)
+            except ImapSyntax as e:
+                writer.write(f"* BAD {e}\r\n".encode())
+                return None
+            if self.stopping:
+                writer.write(b"* BYE [UNAVAILABLE] The proxy is shutting down.\r\n")
+                return True
+            return await self._dispatch(tag, name, args, reader, writer, peer)
+
+        done = await self.until_login(writer, step, _BYE)
+        if done is not None:
+            await self.relay_session((reader, writer), *done)
 
     async def _dispatch(self, tag: str, name: str, args: list[bytes], reader: asyncio.StreamReader,
                         writer: asyncio.StreamWriter, peer: str):

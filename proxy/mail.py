@@ -702,6 +702,35 @@ class MailServer:
     async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         raise NotImplementedError
 
+    MAX_FAILURES = 3  # failed logins on one connection before it is closed
+
+    async def until_login(self, writer: asyncio.StreamWriter, step: "Callable[[], Awaitable[object]]",
+                          bye: dict[str, bytes]) -> "tuple[Grant, asyncio.StreamReader, asyncio.StreamWriter] | None":
+        """The dialogue before the login: `step()` answers one command and says None (go on),
+        True (the session ends), False (a failed login) or (grant, reader, writer) (logged in).
+        Ends with `bye[...]` after MAX_FAILURES failures ("failures"), past login_timeout
+        ("timeout") or on a line too long ("long"); None then."""
+        failures = 0
+        try:
+            async with asyncio.timeout(self.opts.login_timeout):
+                while True:
+                    await writer.drain()
+                    done = await step()
+                    if done is True:
+                        return None
+                    if done is False:
+                        failures += 1
+                        if failures >= self.MAX_FAILURES:
+                            writer.write(bye["failures"])
+                            return None
+                    elif isinstance(done, tuple):
+                        return done  # type: ignore[return-value]
+        except TimeoutError:
+            writer.write(bye["timeout"])
+        except asyncio.LimitOverrunError:
+            writer.write(bye["long"])
+        return None
+
     async def relay_session(self, client: tuple[asyncio.StreamReader, asyncio.StreamWriter], grant: Grant,
                             ur: asyncio.StreamReader, uw: asyncio.StreamWriter) -> None:
         """After the login: bytes both ways until either side leaves or both are idle, then the

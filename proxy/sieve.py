@@ -25,7 +25,8 @@ __all__ = ["SieveServer", "SieveSyntax", "parse_sieve_command", "quoted"]
 
 log = logging.getLogger("sge.mail.sieve")
 
-_MAX_FAILURES = 3
+_BYE = {"failures": b'BYE "Too many failed logins."\r\n', "timeout": b'BYE "No login in time."\r\n',
+        "long": b'BYE "Line too long."\r\n'}
 _BEARER_ERROR = base64.b64encode(b'{"status":"invalid_token"}').decode("ascii")
 
 
@@ -95,36 +96,21 @@ class SieveServer(MailServer):
     async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = (writer.get_extra_info("peername") or ("",))[0]
         writer.write(self._capabilities(writer))
-        failures = 0
-        try:
-            async with asyncio.timeout(self.opts.login_timeout):
-                while True:
-                    await writer.drain()
-                    try:
-                        name, args = await self._command(reader)
-                    except SieveSyntax as e:
-                        writer.write(f"NO {quoted(str(e))}\r\n".encode())
-                        continue
-                    if self.stopping:
-                        writer.write(b'BYE (TRYLATER) "The proxy is shutting down."\r\n')
-                        return
-                    done = await self._dispatch(name, args, reader, writer, peer)
-                    if done is True:
-                        return
-                    if done is False:
-                        failures += 1
-                        if failures >= _MAX_FAILURES:
-                            writer.write(b'BYE "Too many failed logins."\r\n')
-                            return
-                    if isinstance(done, tuple):
-                        break
-        except TimeoutError:
-            writer.write(b'BYE "No login in time."\r\n')
-            return
-        except asyncio.LimitOverrunError:
-            writer.write(b'BYE "Line too long."\r\n')
-            return
-        await self.relay_session((reader, writer), *done)
+
+        async def step() -> object:
+            try:
+                name, args = await self._command(reader)
+            except SieveSyntax as e:
+                writer.write(f"NO {quoted(str(e))}\r\n".encode())
+                return None
+            if self.stopping:
+                writer.write(b'BYE (TRYLATER) "The proxy is shutting down."\r\n')
+                return True
+            return await self._dispatch(name, args, reader, writer, peer)
+
+        done = await self.until_login(writer, step, _BYE)
+        if done is not None:
+            await self.relay_session((reader, writer), *done)
 
     async def _dispatch(self, name: str, args: list[bytes], reader: asyncio.StreamReader,
                         writer: asyncio.StreamWriter, peer: str):
