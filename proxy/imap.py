@@ -12,13 +12,11 @@ across the TLS upgrade, CVE-2011-0411's class).
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import re
-import time
 
 from . import mail
-from .mail import (CommandSyntax, Credentials, LoginRefused, MailServer, SaslError, literal_of, parse_sasl,
+from .mail import (CommandSyntax, Credentials, MailServer, SaslError, literal_of, parse_sasl,
                    plaintext_allowed, read_command, read_line, split_args)
 
 __all__ = ["ImapServer", "ImapSyntax", "parse_command", "command_of", "literal_of", "client_capabilities"]
@@ -186,36 +184,20 @@ class ImapServer(MailServer):
 
     async def _login(self, tag: str, creds: Credentials, mech: str, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter, peer: str):
-        audit = self.engine.audit
-        try:
-            grant = await self.gate.login(creds, peer)
-            target, ur, uw = await self.gate.connect(self.opts, grant, mail.endpoints(writer))
-        except LoginRefused as e:
-            if e.flow is not None:
-                audit.event("mail.login_refused", e.flow, protocol="imap", status=e.status, mechanism=mech)
-                mail.session_log(self.engine, e.flow, e.status, {"in": 0, "out": 0})
-            if mech in ("XOAUTH2", "OAUTHBEARER") and e.status == 401:  # RFC 7628 3.2.2: an error
-                # challenge, the client's dummy answer, then the failure
-                err = base64.b64encode(b'{"status":"invalid_token"}').decode()
-                writer.write(f"+ {err}\r\n".encode())
-                await writer.drain()
-                await read_line(reader, self.opts.max_line)
-            await self._refuse(tag, e.status, writer)
+        async def challenge() -> None:  # RFC 7628: the error, the client's dummy answer, the failure
+            writer.write(f"+ {mail.BEARER_ERROR}\r\n".encode())
+            await writer.drain()
+            await read_line(reader, self.opts.max_line)
+
+        async def refuse(status: int) -> None:
+            await self._refuse(tag, status, writer)
+
+        done = await self.log_in(creds, mech, writer, peer, upstream=self._upstream_login, challenge=challenge,
+                                 refuse=refuse,
+                                 unavailable=f"{tag} NO [UNAVAILABLE] The mail server did not take the login\r\n".encode())
+        if done is None:
             return False
-        started = time.perf_counter()
-        try:
-            text = await self._upstream_login(grant, ur, uw)
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError) as e:
-            await mail.close(uw)
-            self.gate.logins.labels("imap", "failed").inc()
-            audit.event("mail.login_refused", grant.flow, protocol="imap", status=502, reason=str(e)[:200])
-            log.warning("imap login at %s failed: %s", target.name, e)
-            mail.session_log(self.engine, grant.flow, 502, {"in": 0, "out": 0})
-            writer.write(f"{tag} NO [UNAVAILABLE] The mail server did not take the login\r\n".encode())
-            return False
-        grant.flow.upstream_ms = (time.perf_counter() - started) * 1000
-        self.gate.logins.labels("imap", "ok").inc()
-        audit.event("mail.login", grant.flow, protocol="imap", mechanism=mech, server=target.name)
+        grant, ur, uw, text = done
         writer.write(f"{tag} OK {text}\r\n".encode("utf-8", "replace"))
         await writer.drain()
         return grant, ur, uw
@@ -231,7 +213,7 @@ class ImapServer(MailServer):
         else:
             writer.write(f"{tag} NO [UNAVAILABLE] The mail server is not available\r\n".encode())
 
-    async def _upstream_login(self, grant: mail.Grant, ur: asyncio.StreamReader,
+    async def _upstream_login(self, target: object, grant: mail.Grant, ur: asyncio.StreamReader,
                               uw: asyncio.StreamWriter) -> str:
         """Log in on the proxy's connection: the greeting, then AUTHENTICATE with an initial
         response (SASL-IR; a bare continuation request is answered too). Returns the text of

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from .engine import Engine
     from .target import Target
 
-__all__ = ["MailListenerOptions", "ImapOptions", "SubmissionOptions", "MailOptions", "SieveOptions", "SaslError",
+__all__ = ["MailListenerOptions", "ImapOptions", "SubmissionOptions", "MailOptions", "SieveOptions", "SaslError", "UpstreamLoginError",
            "Credentials", "UpstreamLogin", "Grant", "MailGate", "parse_sasl", "sasl_plain",
            "oauthbearer", "relay", "close", "CommandSyntax", "literal_of", "split_args", "read_line",
            "read_command", "proxy_header", "endpoints", "mail_server_context", "ROUTES", "MAIL_ROUTES", "MailServer"]
@@ -355,6 +355,16 @@ class Grant:
     flow: Flow
     targets: list["Target"]
     login: UpstreamLogin
+
+
+class UpstreamLoginError(Exception):
+    """The mail server did not take the proxy's own login (its message names no credential)."""
+
+
+BEARER_MECHANISMS = ("XOAUTH2", "OAUTHBEARER")
+BEARER_ERROR = base64.b64encode(b'{"status":"invalid_token"}').decode("ascii")  # RFC 7628 3.2.2's challenge
+_UPSTREAM_ERRORS = (UpstreamLoginError, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                    TimeoutError, ValueError)
 
 
 class LoginRefused(Exception):
@@ -730,6 +740,48 @@ class MailServer:
         except asyncio.LimitOverrunError:
             writer.write(bye["long"])
         return None
+
+    async def log_in(self, creds: Credentials, mech: str, writer: asyncio.StreamWriter, peer: str, *,
+                     upstream: "Callable[..., Awaitable[object]]", challenge: "Callable[[], Awaitable[None]]",
+                     refuse: "Callable[[int], Awaitable[None]]", unavailable: bytes
+                     ) -> "tuple[Grant, asyncio.StreamReader, asyncio.StreamWriter, object] | None":
+        """A login, whatever the protocol: the chain's decision (a refusal: `challenge()` first for
+        a refused bearer token, RFC 7628 3.2.2, then `refuse(status)`), a connection to the user's
+        server and `upstream(target, grant, reader, writer)`, the protocol's own login there (its
+        failure: `unavailable` to the client). Audit, metrics and the access log either way. None
+        when the client was refused; else the grant, the server connection and what `upstream`
+        returned."""
+        audit, proto = self.engine.audit, self.protocol
+        try:
+            grant = await self.gate.login(creds, peer)
+            target, ur, uw = await self.gate.connect(self.opts, grant, endpoints(writer))
+        except LoginRefused as e:
+            audit.event("mail.login_refused", e.flow, protocol=proto, status=e.status, mechanism=mech)
+            if e.flow is not None:
+                session_log(self.engine, e.flow, e.status, {"in": 0, "out": 0})
+            if e.status == 401 and mech in BEARER_MECHANISMS:
+                await challenge()
+            await refuse(e.status)
+            return None
+        started = time.perf_counter()
+        try:
+            result = await upstream(target, grant, ur, uw)
+        except asyncio.CancelledError:  # the login timeout, a shutdown
+            uw.close()
+            raise
+        except _UPSTREAM_ERRORS as e:
+            await close(uw)
+            self.gate.logins.labels(proto, "failed").inc()
+            audit.event("mail.login_refused", grant.flow, protocol=proto, status=502, mechanism=mech,
+                        reason=type(e).__name__)
+            log.warning("%s login at %s failed: %s", proto, target.name, e)
+            session_log(self.engine, grant.flow, 502, {"in": 0, "out": 0})
+            writer.write(unavailable)
+            return None
+        grant.flow.upstream_ms = (time.perf_counter() - started) * 1000
+        self.gate.logins.labels(proto, "ok").inc()
+        audit.event("mail.login", grant.flow, protocol=proto, mechanism=mech, server=target.name)
+        return grant, ur, uw, result
 
     async def relay_session(self, client: tuple[asyncio.StreamReader, asyncio.StreamWriter], grant: Grant,
                             ur: asyncio.StreamReader, uw: asyncio.StreamWriter) -> None:

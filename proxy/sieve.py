@@ -13,12 +13,10 @@ connection.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
-import time
 
 from . import mail
-from .mail import (CommandSyntax, Credentials, Grant, LoginRefused, MailServer, SaslError, literal_of, parse_sasl,
+from .mail import (CommandSyntax, Credentials, Grant, MailServer, SaslError, literal_of, parse_sasl,
                    read_command, read_line, split_args)
 
 __all__ = ["SieveServer", "SieveSyntax", "parse_sieve_command", "quoted"]
@@ -27,7 +25,6 @@ log = logging.getLogger("sge.mail.sieve")
 
 _BYE = {"failures": b'BYE "Too many failed logins."\r\n', "timeout": b'BYE "No login in time."\r\n',
         "long": b'BYE "Line too long."\r\n'}
-_BEARER_ERROR = base64.b64encode(b'{"status":"invalid_token"}').decode("ascii")
 
 
 class SieveSyntax(CommandSyntax):
@@ -167,37 +164,21 @@ class SieveServer(MailServer):
 
     async def _login(self, creds: Credentials, mech: str, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter, peer: str):
-        audit = self.engine.audit
-        try:
-            grant = await self.gate.login(creds, peer)
-            target, ur, uw = await self.gate.connect(self.opts, grant, mail.endpoints(writer))
-        except LoginRefused as e:
-            if e.flow is not None:
-                audit.event("mail.login_refused", e.flow, protocol="sieve", status=e.status, mechanism=mech)
-                mail.session_log(self.engine, e.flow, e.status, {"in": 0, "out": 0})
-            if mech in ("XOAUTH2", "OAUTHBEARER") and e.status == 401:  # RFC 7628 3.2.2
-                writer.write(f'"{_BEARER_ERROR}"\r\n'.encode())
-                await writer.drain()
-                await self._string(reader)
-            await self._refuse(e.status, writer)
+        async def challenge() -> None:  # RFC 7628: the error as a string, the client's dummy answer
+            writer.write(f'"{mail.BEARER_ERROR}"\r\n'.encode())
+            await writer.drain()
+            await self._string(reader)
+
+        async def refuse(status: int) -> None:
+            await self._refuse(status, writer)
+
+        done = await self.log_in(creds, mech, writer, peer, upstream=self._upstream_login, challenge=challenge,
+                                 refuse=refuse, unavailable=b'NO (TRYLATER) "The mail server did not take the login"\r\n')
+        if done is None:
             return False
-        started = time.perf_counter()
-        try:
-            await self._upstream_login(target, grant, ur, uw)
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError) as e:
-            await mail.close(uw)
-            self.gate.logins.labels("sieve", "failed").inc()
-            audit.event("mail.login_refused", grant.flow, protocol="sieve", status=502, reason=type(e).__name__)
-            log.warning("sieve login at %s failed: %s", target.name, type(e).__name__)
-            mail.session_log(self.engine, grant.flow, 502, {"in": 0, "out": 0})
-            writer.write(b'NO (TRYLATER) "The mail server did not take the login"\r\n')
-            return False
-        grant.flow.upstream_ms = (time.perf_counter() - started) * 1000
-        self.gate.logins.labels("sieve", "ok").inc()
-        audit.event("mail.login", grant.flow, protocol="sieve", mechanism=mech, server=target.name)
         writer.write(b'OK "Logged in"\r\n')
         await writer.drain()
-        return grant, ur, uw
+        return done[:3]
 
     async def _refuse(self, status: int, writer: asyncio.StreamWriter) -> None:
         if status == 401:

@@ -15,13 +15,11 @@ CVE-2011-0411's class).
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
-import time
 from dataclasses import dataclass
 
 from . import mail
-from .mail import Credentials, Grant, LoginRefused, MailServer, SaslError, parse_sasl, plaintext_allowed
+from .mail import Credentials, Grant, MailServer, SaslError, parse_sasl, plaintext_allowed
 
 __all__ = ["SubmissionServer", "MECHANISMS", "UpstreamRefused", "multiline", "ehlo_reply",
            "parse_reply_line", "read_reply"]
@@ -29,12 +27,9 @@ __all__ = ["SubmissionServer", "MECHANISMS", "UpstreamRefused", "multiline", "eh
 log = logging.getLogger("sge.mail.smtp")
 
 MECHANISMS = ("PLAIN", "LOGIN", "XOAUTH2", "OAUTHBEARER")
-_BEARER = ("XOAUTH2", "OAUTHBEARER")
 _MAX_FAILURES = 3
 _NEEDS_AUTH = frozenset({"MAIL", "RCPT", "DATA", "BDAT", "VRFY", "EXPN"})
-_BEARER_ERROR = base64.b64encode(b'{"status":"invalid_token"}').decode("ascii")  # RFC 7628 3.2.2
 _USERNAME, _PASSWORD = "VXNlcm5hbWU6", "UGFzc3dvcmQ6"  # LOGIN's challenges: "Username:", "Password:"
-_NOTHING = {"in": 0, "out": 0}
 
 
 # ---------------------------------------------------------------------------- replies (pure)
@@ -78,7 +73,7 @@ async def read_reply(reader: asyncio.StreamReader) -> int:
 
 
 # ---------------------------------------------------------------------------- the session
-class UpstreamRefused(Exception):
+class UpstreamRefused(mail.UpstreamLoginError):
     """The mail server did not take the proxy's login: its reply code (for the log)."""
 
     def __init__(self, code: int, step: str) -> None:
@@ -115,8 +110,6 @@ class _Conn:
         return self.writer.get_extra_info("sslcontext") is not None
 
 
-_UPSTREAM_ERRORS = (UpstreamRefused, OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                    TimeoutError, ValueError)
 _Login = tuple[Grant, asyncio.StreamReader, asyncio.StreamWriter]
 
 
@@ -256,42 +249,22 @@ class SubmissionServer(MailServer):
     async def _login(self, conn: _Conn, mech: str, creds: Credentials) -> _Login | None:
         """The chain's decision, then the proxy's own login at the user's server. None (the
         client answered) when either says no."""
-        audit = self.engine.audit
-        try:
-            grant = await self.gate.login(creds, conn.peer)
-            target, ur, uw = await self.gate.connect(self.opts, grant, mail.endpoints(conn.writer))
-        except LoginRefused as e:
-            audit.event("mail.login_refused", e.flow, protocol="submission", status=e.status, mechanism=mech)
-            if e.flow is not None:
-                mail.session_log(self.engine, e.flow, e.status, _NOTHING)
-            if e.status == 401 and mech in _BEARER:
-                # RFC 7628 3.2.2: an error challenge, the client's dummy answer, then the failure
-                conn.say(f"334 {_BEARER_ERROR}")
-                await conn.writer.drain()
-                await self._line(conn)
-            await self._refuse(conn, e.status)
+        async def challenge() -> None:  # RFC 7628: the error challenge, the client's dummy answer
+            conn.say(f"334 {mail.BEARER_ERROR}")
+            await conn.writer.drain()
+            await self._line(conn)
+
+        async def refuse(status: int) -> None:
+            await self._refuse(conn, status)
+
+        done = await self.log_in(creds, mech, conn.writer, conn.peer, upstream=self._upstream_login,
+                                 challenge=challenge, refuse=refuse,
+                                 unavailable=b"454 4.7.0 Temporary authentication failure\r\n")
+        if done is None:
             return None
-        started = time.perf_counter()
-        try:
-            await self._upstream_login(grant, ur, uw)
-        except asyncio.CancelledError:  # the login timeout, a shutdown
-            uw.close()
-            raise
-        except _UPSTREAM_ERRORS as e:
-            await mail.close(uw)
-            self.gate.logins.labels(self.protocol, "failed").inc()
-            audit.event("mail.login_refused", grant.flow, protocol="submission", status=502,
-                        mechanism=mech, reason=type(e).__name__)
-            log.warning("submission login at %s failed: %s", target.name, e)
-            mail.session_log(self.engine, grant.flow, 502, _NOTHING)
-            conn.say("454 4.7.0 Temporary authentication failure")
-            return None
-        grant.flow.upstream_ms = (time.perf_counter() - started) * 1000
-        self.gate.logins.labels(self.protocol, "ok").inc()
-        audit.event("mail.login", grant.flow, protocol="submission", mechanism=mech, server=target.name)
         conn.say("235 2.7.0 Authentication successful")
         await conn.writer.drain()
-        return grant, ur, uw
+        return done[:3]  # type: ignore[return-value]
 
     async def _refuse(self, conn: _Conn, status: int) -> None:
         if status == 401:
@@ -302,7 +275,8 @@ class SubmissionServer(MailServer):
         else:  # 429, no server, the chain failing
             conn.say("454 4.7.0 Temporary authentication failure")
 
-    async def _upstream_login(self, grant: Grant, ur: asyncio.StreamReader, uw: asyncio.StreamWriter) -> None:
+    async def _upstream_login(self, target: object, grant: Grant, ur: asyncio.StreamReader,
+                              uw: asyncio.StreamWriter) -> None:
         """Log in on the proxy's connection: the greeting, EHLO, AUTH with an initial response.
         UpstreamRefused unless the server ends with 235."""
         login = grant.login
