@@ -531,7 +531,7 @@ class RestFacade:
         loader.audit("rest_facade.erasure_started", flow, mailbox=box.id if box is not None else None)
         destroyed = refused = 0
         try:
-            while True:
+            for _ in range(rest.ERASE_MAX_ROUNDS):  # (a server that keeps finding what it destroyed)
                 r = await self._call(flow, ctx, rest.erase_request(ctx.account, box.id if box else None, page))
                 found, done, failed = rest.erase_round(r)
                 destroyed += done

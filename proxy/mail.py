@@ -455,6 +455,9 @@ class MailGate:
                 raise LoginRefused(status, "Login refused.", flow)
             if creds.user is not None and not _same_user(creds.user, flow):
                 raise LoginRefused(401, "The user name does not match the credential.", flow)
+            if creds.authzid is not None and not _same_user(creds.authzid, flow):
+                # (acting as someone else is the upstream identity's business, never the client's)
+                raise LoginRefused(401, "The authorization identity does not match the credential.", flow)
             ui = mgr.get("upstream_identity")
             mode = ui.plan(flow).mode if ui is not None else None
             pairs = ui.credentials(flow) if ui is not None and mode != "passthrough" else []

@@ -1306,6 +1306,7 @@ def mbox_entry(raw: bytes, received_at: str | None) -> bytes:
 # ---------------------------------------------------------------------------- erasure
 ERASE_KEYS = ("confirm", "mailbox")
 ERASE_PAGE = 500  # ids per query and destroy (capped by the server's maxObjectsInSet)
+ERASE_MAX_ROUNDS = 20_000
 
 
 def parse_erasure(doc: Mapping[str, Any], login: str) -> str | None:

@@ -192,3 +192,17 @@ async def test_max_sessions(make_proxy):
     w3.close()
     refused = eng.metrics.registry.get_sample_value("sge_proxy_mail_sessions_refused_total", {"protocol": "imap"})
     assert refused == 1
+
+
+async def test_an_authorization_identity_for_someone_else_is_refused(make_proxy, certs, idp):
+    """SASL PLAIN's authzid asks to act as another user: with the chain deciding, that is never
+    the client's call (the upstream identity says how the proxy logs in)."""
+    _, port = await make_proxy(**{"mail.imap.tls": "implicit"})
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_tls(certs),
+                                                   server_hostname="localhost")
+    await reader.readline()
+    token = idp.keys[0].token("alice@example.com", email="alice@example.com")
+    ir = base64.b64encode(f"bob@example.com\0alice@example.com\0{token}".encode())
+    writer.write(b"a AUTHENTICATE PLAIN " + ir + b"\r\n")
+    assert (await until_tagged(reader, b"a"))[-1].startswith(b"a NO [AUTHENTICATIONFAILED]")
+    writer.close()
