@@ -95,7 +95,7 @@ class ImapServer(MailServer):
         return " ".join(caps)
 
     async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = (writer.get_extra_info("peername") or ("",))[0]
+        peer = self.peer_of(writer)
         writer.write(f"* OK [CAPABILITY {self._capabilities(writer)}] sge-mail-proxy IMAP ready\r\n".encode())
 
         async def step() -> object:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Awaitable, Callable, Literal
 from .errors import ConfigError, ProxyError
 from .flow import Flow, Request
 from .health import FALLBACKS
+from .http1 import TrustedProxies
 from .tls import server_context
 
 if TYPE_CHECKING:
@@ -41,7 +42,7 @@ if TYPE_CHECKING:
 __all__ = ["MailListenerOptions", "ImapOptions", "SubmissionOptions", "MailOptions", "SieveOptions", "SaslError", "UpstreamLoginError",
            "Credentials", "UpstreamLogin", "Grant", "MailGate", "parse_sasl", "sasl_plain",
            "oauthbearer", "relay", "close", "CommandSyntax", "literal_of", "split_args", "read_line",
-           "read_command", "proxy_header", "endpoints", "mail_server_context", "ROUTES", "MAIL_ROUTES", "MailServer"]
+           "read_command", "proxy_header", "endpoints", "parse_proxy_header", "read_proxy_header", "mail_server_context", "ROUTES", "MAIL_ROUTES", "MailServer"]
 
 log = logging.getLogger("sge.mail")
 
@@ -67,6 +68,9 @@ class MailListenerOptions:
     upstream_proxy_protocol: v1 or v2 sends HAProxy's PROXY protocol header first, so that the
       server sees the client's address (Stalwart's per-address limits, bans and logs) instead of
       the proxy's; the server must be told to expect it from the proxy.
+    proxy_protocol_from: CIDRs of load balancers in front that open each connection with a PROXY
+      protocol header (v1 or v2): from them, the client is the address the header names (bans,
+      logs, the header sent upstream). Not with tls: implicit (the header would precede TLS).
     allow_plaintext_auth: accept credentials on a connection without TLS (loopback testing).
     login_timeout: the whole pre-login dialogue; idle_timeout: no byte either way after it.
     max_sessions: open sessions at most; the next connection is told so and closed.
@@ -77,6 +81,7 @@ class MailListenerOptions:
     upstream_tls: Literal["implicit", "none", "starttls"] = "implicit"
     upstreams: dict[str, str] = field(default_factory=dict)
     upstream_proxy_protocol: Literal["off", "v1", "v2"] = "off"
+    proxy_protocol_from: tuple[str, ...] = ()
     allow_plaintext_auth: bool = False
     login_timeout: float = field(default=60.0, metadata={"kind": "duration"})
     idle_timeout: float = field(default=1860.0, metadata={"kind": "duration"})
@@ -92,6 +97,14 @@ class MailListenerOptions:
             raise ConfigError("max_line", "must be at least 512 bytes")
         if self.max_sessions < 1:
             raise ConfigError("max_sessions", "must be at least 1")
+        if self.proxy_protocol_from and self.tls == "implicit":
+            raise ConfigError("proxy_protocol_from", "needs tls: starttls (a PROXY header cannot precede "
+                              "the TLS handshake here)")
+        for i, cidr in enumerate(self.proxy_protocol_from):
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ConfigError(f"proxy_protocol_from[{i}]", f"{cidr!r} is not an address or CIDR") from None
         if self.upstream_tls == "starttls" and not self.starttls_upstream:
             raise ConfigError("upstream_tls", "starttls is for ManageSieve (mail.sieve); use implicit or none")
         for name, addr in self.upstreams.items():
@@ -556,6 +569,60 @@ def proxy_header(version: str, src: tuple[str, int], dst: tuple[str, int]) -> by
     return _PROXY_V2 + bytes([0x21, fam]) + struct.pack("!H", len(body)) + body
 
 
+_V1 = re.compile(rb"PROXY (?:(TCP4|TCP6) (\S+) (\S+) (\d{1,5}) (\d{1,5})|UNKNOWN[^\r\n]*)\r\n\Z")
+
+
+def parse_proxy_header(head: bytes) -> Endpoints | None:
+    """The (source, destination) a PROXY protocol header names, or None for one that names none
+    (v1 UNKNOWN, v2 LOCAL or another family: the connection's own addresses stand). ValueError
+    if malformed. `head`: the whole header (v1: its line; v2: the 16 bytes and what they announce).
+    Pure."""
+    if head.startswith(_PROXY_V2):
+        if len(head) < 16 or head[12] >> 4 != 2:
+            raise ValueError("not a PROXY v2 header")
+        command, family = head[12] & 0x0F, head[13]
+        (length,) = struct.unpack("!H", head[14:16])
+        body = head[16:]
+        if len(body) != length or command not in (0, 1):
+            raise ValueError("a PROXY v2 header of the wrong length")
+        if command == 0 or family not in (0x11, 0x21):
+            return None  # LOCAL, or not TCP over IP
+        n = 4 if family == 0x11 else 16
+        if length < 2 * n + 4:
+            raise ValueError("a PROXY v2 header too short for its addresses")
+        src, dst = ipaddress.ip_address(body[:n]), ipaddress.ip_address(body[n:2 * n])
+        sport, dport = struct.unpack("!HH", body[2 * n:2 * n + 4])
+        return (str(src), sport), (str(dst), dport)
+    m = _V1.fullmatch(head)
+    if m is None:
+        raise ValueError("not a PROXY header")
+    if m.group(1) is None:
+        return None
+    src, dst = ipaddress.ip_address(m.group(2).decode()), ipaddress.ip_address(m.group(3).decode())
+    if (src.version == 4) != (m.group(1) == b"TCP4") or src.version != dst.version:
+        raise ValueError("PROXY v1 addresses of the wrong family")
+    sport, dport = int(m.group(4)), int(m.group(5))
+    if sport > 65535 or dport > 65535:
+        raise ValueError("PROXY v1 port out of range")
+    return (str(src), sport), (str(dst), dport)
+
+
+async def read_proxy_header(reader: asyncio.StreamReader) -> Endpoints | None:
+    """Read one PROXY header (v1: at most 107 bytes; v2: 16 and the announced length, at most
+    216 for IP) and parse it."""
+    first = await reader.readexactly(12)
+    if first == _PROXY_V2:
+        rest = await reader.readexactly(4)
+        (length,) = struct.unpack("!H", rest[2:4])
+        if length > 216:
+            raise ValueError("a PROXY v2 header too long")
+        return parse_proxy_header(first + rest + await reader.readexactly(length))
+    line = first if first.endswith(b"\r\n") else first + await reader.readuntil(b"\n")
+    if len(line) > 107:
+        raise ValueError("a PROXY v1 line too long")
+    return parse_proxy_header(line)
+
+
 def endpoints(writer: asyncio.StreamWriter) -> Endpoints | None:
     """The client connection's (peer, local) addresses, for the PROXY protocol header."""
     peer, local = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
@@ -663,6 +730,8 @@ class MailServer:
         self.server: asyncio.AbstractServer | None = None
         self.sessions: set[asyncio.Task] = set()
         self.relaying: set[asyncio.Task] = set()  # logged in: bytes relayed (no login to finish)
+        self._clients: dict[asyncio.StreamWriter, Endpoints | None] = {}  # from a PROXY header
+        self._proxied_from = TrustedProxies(opts.proxy_protocol_from)
         self.stopping = False
         g = engine.metrics.gauge("sge_proxy_mail_sessions", "Open mail sessions by protocol (logged in or not).",
                                  ("protocol",))
@@ -700,6 +769,15 @@ class MailServer:
             return
         self.sessions.add(task)
         try:
+            if self._proxied_from and (writer.get_extra_info("peername") or ("",))[0] in self._proxied_from:
+                try:
+                    async with asyncio.timeout(5):
+                        client = await read_proxy_header(reader)
+                except (ValueError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+                    log.info("%s: a connection from a balancer without a valid PROXY header: closed", self.protocol)
+                    return
+                if client is not None:
+                    self._clients[writer] = client
             await self.session(reader, writer)
         except (OSError, ssl.SSLError, asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -710,10 +788,20 @@ class MailServer:
         finally:
             self.sessions.discard(task)
             self.relaying.discard(task)
+            self._clients.pop(writer, None)
             await close(writer)
 
     async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         raise NotImplementedError
+
+    def client_of(self, writer: asyncio.StreamWriter) -> Endpoints | None:
+        """The client's (address, port) and ours: what a balancer's PROXY header said, else the
+        connection's own."""
+        return self._clients.get(writer) or endpoints(writer)
+
+    def peer_of(self, writer: asyncio.StreamWriter) -> str:
+        client = self.client_of(writer)
+        return client[0][0] if client is not None else ""
 
     MAX_FAILURES = 3  # failed logins on one connection before it is closed
 
@@ -757,7 +845,7 @@ class MailServer:
         audit, proto = self.engine.audit, self.protocol
         try:
             grant = await self.gate.login(creds, peer)
-            target, ur, uw = await self.gate.connect(self.opts, grant, endpoints(writer))
+            target, ur, uw = await self.gate.connect(self.opts, grant, self.client_of(writer))
         except LoginRefused as e:
             audit.event("mail.login_refused", e.flow, protocol=proto, status=e.status, mechanism=mech)
             if e.flow is not None:

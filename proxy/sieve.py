@@ -91,7 +91,7 @@ class SieveServer(MailServer):
         return ("\r\n".join(lines) + "\r\nOK\r\n").encode()
 
     async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = (writer.get_extra_info("peername") or ("",))[0]
+        peer = self.peer_of(writer)
         writer.write(self._capabilities(writer))
 
         async def step() -> object:

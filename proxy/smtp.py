@@ -121,7 +121,7 @@ class SubmissionServer(MailServer):
     busy = b"421 4.7.0 Too many connections, try again later\r\n"
 
     async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = _Conn(reader, writer, (writer.get_extra_info("peername") or ("",))[0])
+        conn = _Conn(reader, writer, self.peer_of(writer))
         host = self.opts.hostname
         conn.say(f"220 {host} ESMTP sge-mail-proxy")
         try:

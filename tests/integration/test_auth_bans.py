@@ -100,3 +100,44 @@ async def test_imap_logins_count_and_are_refused(certs, upstream, idp):
                 assert r.status == 429
     finally:
         await eng.stop(drain_timeout=1)
+
+
+async def test_behind_a_balancer_speaking_proxy_protocol_the_client_is_banned_not_the_balancer(certs, upstream, idp,
+                                                                                            tmp_path):
+    """mail.imap.proxy_protocol_from: the balancer's PROXY header names the client; bans, the
+    audit log and the access log use that address; a balancer connection without a header is
+    closed."""
+    eng = await start_proxy(certs, upstream, chain=None, audit_log=str(tmp_path / "audit.log"), **{
+        "stalwart.health_interval": 3600,
+        "addons.auth": {"jwt": {"issuer": ISSUER, "audience": AUDIENCE, "jwks_url": idp.url},
+                        "bans": {"failures": 2}},
+        "addons.upstream_identity": {"mode": "impersonate", "impersonator": "p", "secret": "s"},
+        "addons.header_signer": {"key_id": "k", "keys": {"k": "a2V5LWtleS1rZXkta2V5LWtleS1rZXkta2V5LWtleS0xMg=="}},
+        "mail.imap.listen": "127.0.0.1:0", "mail.imap.allow_plaintext_auth": True, "mail.imap.failure_delay": 0,
+        "mail.imap.proxy_protocol_from": ["127.0.0.0/8"]})
+    port = eng.mail_servers["imap"].port
+
+    async def via_balancer(client: str, login: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"PROXY TCP4 {client} 127.0.0.1 40000 {port}\r\n".encode())
+        assert (await reader.readline()).startswith(b"* OK")
+        writer.write(b"a LOGIN " + login + b"\r\n")
+        answer = await asyncio.wait_for(reader.readline(), 5)
+        writer.close()
+        return answer
+
+    try:
+        for _ in range(2):
+            assert b"AUTHENTICATIONFAILED" in await via_balancer("203.0.113.9", b"alice@example.com wrong")
+        assert b"NO [LIMIT]" in await via_balancer("203.0.113.9", b"alice@example.com wrong")   # banned
+        assert b"AUTHENTICATIONFAILED" in await via_balancer("203.0.113.10", b"alice@example.com wrong")  # not
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)  # no header from the balancer
+        writer.write(b"a CAPABILITY\r\n")
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+        writer.close()
+        await asyncio.sleep(0.3)
+        banned = [json.loads(x) for x in (tmp_path / "audit.log").read_text().splitlines()
+                  if '"auth.banned"' in x]
+        assert [b["address"] for b in banned] == ["203.0.113.9"]
+    finally:
+        await eng.stop(drain_timeout=1)

@@ -72,6 +72,9 @@ def test_bad_environment_names_key_and_reason(env, key, reason):
     ("mail: {submission: {upstream_port: 0}}\n", "mail.submission.upstream_port", "must be a port number"),
     ("mail: {imap: {upstream_tls: starttls}}\n", "mail.imap.upstream_tls", "starttls"),
     ("listen: 8080\n", "listen", "expected HOST:PORT"),
+    ("mail: {imap: {tls: implicit, proxy_protocol_from: [10.0.0.0/8]}}\n", "mail.imap.proxy_protocol_from",
+     "needs tls: starttls"),
+    ("mail: {sieve: {proxy_protocol_from: [lb]}}\n", "mail.sieve.proxy_protocol_from[0]", "not an address"),
 ])
 def test_bad_file_names_key_file_and_reason(tmp_path, text, key, reason):
     f = tmp_path / "bad.yaml"

@@ -10,7 +10,8 @@ from proxy.flow import Flow, Request
 from proxy.identity import Identity
 from proxy.imap import ImapSyntax, client_capabilities, literal_of, parse_command
 from proxy.sieve import SieveSyntax, parse_sieve_command, quoted
-from proxy.mail import (Credentials, LoginRefused, SaslError, UpstreamLogin, oauthbearer, parse_sasl, proxy_header,
+from proxy.mail import (Credentials, LoginRefused, SaslError, UpstreamLogin, oauthbearer, parse_proxy_header, parse_sasl,
+                        proxy_header,
                         sasl_plain, upstream_login)
 
 
@@ -181,3 +182,31 @@ def test_bad_sieve_commands(data):
 def test_sieve_quoting_round_trips():
     for s in ('plain', 'with "quotes"', "back\\slash"):
         assert parse_sieve_command(b"X " + quoted(s).encode())[1] == [s.encode()]
+
+
+@pytest.mark.parametrize("version, src, dst", [
+    ("v1", ("192.0.2.7", 51000), ("127.0.0.1", 1143)), ("v1", ("2001:db8::7", 1), ("::1", 993)),
+    ("v2", ("192.0.2.7", 51000), ("127.0.0.1", 1143)), ("v2", ("2001:db8::7", 65535), ("::1", 4190)),
+])
+def test_proxy_headers_parse_back(version, src, dst):
+    assert parse_proxy_header(proxy_header(version, src, dst)) == (src, dst)
+
+
+@pytest.mark.parametrize("head, want", [
+    (b"PROXY UNKNOWN\r\n", None), (b"PROXY UNKNOWN ffff::1 ffff::2 1 2\r\n", None),
+    (b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00", None),                       # v2 LOCAL
+    (b"\r\n\r\n\x00\r\nQUIT\n\x21\x31\x00\x00", None),                       # v2 PROXY over a UNIX socket
+])
+def test_proxy_headers_naming_no_client(head, want):
+    assert parse_proxy_header(head) == want
+
+
+@pytest.mark.parametrize("head", [
+    b"PROXY TCP4 192.0.2.7 127.0.0.1 51000\r\n", b"PROXY TCP4 2001:db8::7 ::1 1 2\r\n",
+    b"PROXY TCP4 192.0.2.7 127.0.0.1 99999 1\r\n", b"PROXY TCP5 1.2.3.4 1.2.3.4 1 2\r\n", b"GET / HTTP/1.1\r\n",
+    b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x0c" + bytes(8),                   # shorter than announced
+    b"\r\n\r\n\x00\r\nQUIT\n\x11\x11\x00\x00",                               # version 1 in a v2 signature
+])
+def test_bad_proxy_headers(head):
+    with pytest.raises(ValueError):
+        parse_proxy_header(head)
