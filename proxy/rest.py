@@ -513,7 +513,7 @@ def parse_list_query(query: str, max_limit: int) -> ListQuery:
     if p.get("from"):
         kw["sender"] = _text(p["from"], "from", max_len=255)
     for name in ("after", "before"):
-        if p.get(name):
+        if name in p:  # (an empty one too is a 400: it is no date, and the document says date-time)
             kw[name] = _utc_date(p[name], name)
     return ListQuery(**kw)
 
