@@ -241,7 +241,7 @@ class Config:
     certificates: CertificateOptions = field(default_factory=CertificateOptions)
     breaker: BreakerOptions = field(default_factory=BreakerOptions)
     retry: RetryOptions = field(default_factory=RetryOptions)
-    mail: MailOptions = field(default_factory=MailOptions)  # IMAP and SMTP submission (proxy.mail)
+    mail: MailOptions = field(default_factory=MailOptions)  # IMAP, SMTP submission, ManageSieve (proxy.mail)
     chain: tuple[str, ...] | None = None
     addon_files: tuple[str, ...] = ()
     addons: dict[str, Any] = field(default_factory=dict)

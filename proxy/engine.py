@@ -154,7 +154,7 @@ class Engine:
         self.in_flight = 0
         self.draining = False
         self.servers: list[asyncio.AbstractServer] = []
-        self.mail_servers: dict[str, Any] = {}  # "imap" / "submission" -> proxy.mail.MailServer
+        self.mail_servers: dict[str, Any] = {}  # "imap" / "submission" / "sieve" -> proxy.mail.MailServer
         self._addon_files = addon_files
         self._sweep_task: asyncio.Task | None = None
 
@@ -254,7 +254,7 @@ class Engine:
         await self.addons.running()
 
     async def _start_mail(self) -> None:
-        """The IMAP and SMTP submission listeners, when configured (proxy.mail)."""
+        """The IMAP, SMTP submission and ManageSieve listeners, when configured (proxy.mail)."""
         import importlib
         for module, cls, opts in (("imap", "ImapServer", self.config.mail.imap),
                                   ("smtp", "SubmissionServer", self.config.mail.submission),

@@ -39,10 +39,11 @@ if TYPE_CHECKING:
     from .engine import Engine
     from .target import Target
 
-__all__ = ["MailListenerOptions", "ImapOptions", "SubmissionOptions", "MailOptions", "SieveOptions", "SaslError", "UpstreamLoginError",
-           "Credentials", "UpstreamLogin", "Grant", "MailGate", "parse_sasl", "sasl_plain",
-           "oauthbearer", "relay", "close", "CommandSyntax", "literal_of", "split_args", "read_line",
-           "read_command", "proxy_header", "endpoints", "parse_proxy_header", "read_proxy_header", "mail_server_context", "ROUTES", "MAIL_ROUTES", "MailServer"]
+__all__ = ["MailListenerOptions", "ImapOptions", "SubmissionOptions", "SieveOptions", "MailOptions", "SaslError",
+           "UpstreamLoginError", "Credentials", "UpstreamLogin", "Grant", "MailGate", "MailServer", "parse_sasl",
+           "sasl_plain", "oauthbearer", "relay", "close", "CommandSyntax", "literal_of", "split_args", "read_line",
+           "read_command", "proxy_header", "parse_proxy_header", "read_proxy_header", "endpoints",
+           "mail_server_context", "ROUTES", "MAIL_ROUTES"]
 
 log = logging.getLogger("sge.mail")
 
@@ -645,13 +646,6 @@ def plaintext_allowed(opts: MailListenerOptions, writer: asyncio.StreamWriter) -
 
 
 # ---------------------------------------------------------------------------- after the login
-def relaying(server: "MailServer") -> None:
-    """Mark the current session as logged in and relaying (see MailServer.stop)."""
-    task = asyncio.current_task()
-    if task is not None:
-        server.relaying.add(task)
-
-
 async def relay(client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
                 server: tuple[asyncio.StreamReader, asyncio.StreamWriter],
                 idle_timeout: float, counts: dict[str, int]) -> str:
@@ -694,13 +688,12 @@ async def relay(client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
 
 
 async def close(writer: asyncio.StreamWriter) -> None:
+    """Close a stream whatever state its peer left it in (an SSL shutdown race included)."""
     try:
         writer.close()
         async with asyncio.timeout(1):
             await writer.wait_closed()
-    except (OSError, ssl.SSLError, TimeoutError, asyncio.CancelledError):
-        pass
-    except Exception:  # an SSL shutdown race on a peer that left
+    except (Exception, asyncio.CancelledError):  # (the last thing a session does: nothing to cancel)
         pass
 
 
@@ -708,19 +701,20 @@ def session_log(engine: "Engine", flow: Flow, status: int, counts: dict[str, int
     """The session's access-log line (written when it ends): bytes both ways, its duration."""
     flow.bytes_in = counts.get("in", 0)
     flow.bytes_out = counts.get("out", 0)
-    engine.metrics.observe_request(flow.route, flow.request.method, status, time.perf_counter() - flow.started)
-    engine.log_access(flow, status, time.perf_counter() - flow.started)
-
+    elapsed = time.perf_counter() - flow.started
+    engine.metrics.observe_request(flow.route, flow.request.method, status, elapsed)
+    engine.log_access(flow, status, elapsed)
 
 
 # ---------------------------------------------------------------------------- the listener
 class MailServer:
     """One mail listener: accepts connections, runs `session(reader, writer)` for each in a
     Task, and on stop refuses new ones, gives the sessions `drain_timeout` to end, then closes
-    them. A protocol subclasses it and writes `session` (proxy.imap, proxy.smtp)."""
+    them. A protocol subclasses it and writes `session` (proxy.imap, proxy.smtp, proxy.sieve)."""
 
     protocol = "imap"
     alpn = "imap"
+    busy = b"* BYE [UNAVAILABLE] Too many connections; try again later.\r\n"  # past max_sessions
 
     def __init__(self, engine: "Engine", opts: MailListenerOptions) -> None:
         self.engine = engine
@@ -730,7 +724,7 @@ class MailServer:
         self.server: asyncio.AbstractServer | None = None
         self.sessions: set[asyncio.Task] = set()
         self.relaying: set[asyncio.Task] = set()  # logged in: bytes relayed (no login to finish)
-        self._clients: dict[asyncio.StreamWriter, Endpoints | None] = {}  # from a PROXY header
+        self._clients: dict[asyncio.StreamWriter, Endpoints] = {}  # from a balancer's PROXY header
         self._proxied_from = TrustedProxies(opts.proxy_protocol_from)
         self.stopping = False
         g = engine.metrics.gauge("sge_proxy_mail_sessions", "Open mail sessions by protocol (logged in or not).",
@@ -756,8 +750,6 @@ class MailServer:
     def port(self) -> int:
         assert self.server is not None
         return self.server.sockets[0].getsockname()[1]
-
-    busy = b"* BYE [UNAVAILABLE] Too many connections; try again later.\r\n"  # (per protocol)
 
     async def _accepted(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -878,7 +870,9 @@ class MailServer:
                             ur: asyncio.StreamReader, uw: asyncio.StreamWriter) -> None:
         """After the login: bytes both ways until either side leaves or both are idle, then the
         session's access-log line."""
-        relaying(self)
+        task = asyncio.current_task()
+        if task is not None:
+            self.relaying.add(task)  # (stop() closes these at once: see there)
         counts = {"in": 0, "out": 0}
         try:
             how = await relay(client, (ur, uw), self.opts.idle_timeout, counts)

@@ -14,6 +14,9 @@ import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from email.message import EmailMessage
+from email.policy import SMTP
+from email.utils import formataddr, formatdate
 from typing import Any, Callable, Hashable, Mapping
 from urllib.parse import parse_qsl, quote, urlsplit
 
@@ -799,9 +802,6 @@ def encrypted_message(draft: Draft, identity: Mapping[str, Any], *, now: float, 
     (From, To, Cc, Subject, Date, Message-ID; no Bcc), the body the client's ciphertext as
     PGP/MIME (multipart/encrypted, RFC 3156) or S/MIME (application/pkcs7-mime enveloped-data,
     RFC 8551). CRLF line ends. Pure."""
-    from email.message import EmailMessage
-    from email.policy import SMTP
-    from email.utils import formataddr, formatdate
     enc = draft.encrypted
     assert enc is not None
     msg = EmailMessage(policy=SMTP)

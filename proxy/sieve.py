@@ -75,8 +75,11 @@ class SieveServer(MailServer):
             data = await reader.readexactly(lit[0])
             await read_line(reader, 2)  # the CRLF after it
             return data
-        args = parse_sieve_command(b"X " + line.rstrip(b"\r\n"))[1]
-        if len(args) != 1:
+        try:
+            args = split_args(line.rstrip(b"\r\n"))
+        except CommandSyntax as e:
+            raise SieveSyntax(str(e)) from None
+        if len(args) != 1 or args[0] == b"\0":
             raise SieveSyntax("expected one string")
         return args[0]
 
